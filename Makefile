@@ -1,0 +1,51 @@
+# flowprobe developer entry points. `make test` is what CI runs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export FLOWPROBE_CACHE ?= $(HOME)/.cache/flowprobe
+PYTEST_ARGS ?=
+
+.PHONY: help deps venv lint typecheck test test-fast demo bench clean
+
+help:
+	@echo "make demo       capture real traffic between namespace 'pods' and print the summary"
+	@echo "make test       install what is missing, lint, typecheck and run every test suite"
+	@echo "make test-fast  unit tests only (no root, no network namespaces, no builds)"
+	@echo "make bench      offline and live throughput against raw tshark"
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+deps: venv
+	bash tools/install-system-deps.sh
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+test: deps lint typecheck
+	$(PY) -c "import operator, collections; operator.itemgetter"
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not capture and not netns and not cluster and not backends" $(PYTEST_ARGS)
+
+demo: deps
+	$(PY) -m flowprobe.devenv.demo
+
+bench: deps
+	$(PY) -m flowprobe.devenv.bench
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
+
+-include tools/mk/*.mk

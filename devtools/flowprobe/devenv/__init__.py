@@ -1,0 +1,1 @@
+"""Developer/test environment: pinned tools and a local Kubernetes control plane."""

@@ -1,0 +1,1 @@
+"""flowprobe node agent: capture -> parse -> sessionize -> enrich -> export."""

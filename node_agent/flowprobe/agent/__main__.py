@@ -1,0 +1,3 @@
+from flowprobe.agent.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Packet capture: tshark/dumpcap processes that hand Python one text row per packet."""

@@ -1,0 +1,253 @@
+"""Run tshark (and dumpcap for live capture) and hand back one column list per packet.
+
+pyshark is the capture front: it finds tshark and dumpcap, checks tshark's
+version and lists interfaces. Per-packet work stays out of pyshark's object
+model (10-150x slower than the dissection itself, see docs/capture.md):
+tshark dissects and prints only the columns the parsers read, and live capture
+reads ``dumpcap -w -`` from a pipe so nothing is spooled to disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyshark.tshark import tshark as pyshark_tshark
+
+from flowprobe.agent.capture.columns import ColumnLayout
+
+# Dissectors whose output the agent never reads but which cost tshark time on
+# common payloads (JSON bodies alone cost about 25%, see docs/capture.md).
+DISABLED_PROTOCOLS = ("json", "xml", "media", "png", "image-jfif", "image-gif", "data-text-lines")
+
+# tshark keeps per-conversation state for every packet it has seen; resetting
+# the session every N packets bounds its memory (about 0.6 KB per packet) at
+# the cost of a few exchanges that straddle a reset.
+DEFAULT_SESSION_RESET_PACKETS = 200_000
+
+
+class CaptureError(Exception):
+    """tshark or dumpcap could not run or read the input; the message says why."""
+
+
+@dataclass(frozen=True)
+class Tools:
+    tshark: str
+    dumpcap: str | None
+    version: str
+
+    @classmethod
+    def find(cls) -> Tools:
+        try:
+            tshark = pyshark_tshark.get_process_path()
+        except pyshark_tshark.TSharkNotFoundException as exc:
+            raise CaptureError(
+                "tshark not found: install it (Debian/Ubuntu: apt-get install tshark)"
+            ) from exc
+        if not os.access(tshark, os.X_OK):
+            raise CaptureError(f"tshark at {tshark} is not executable")
+        dumpcap = shutil.which("dumpcap") or (
+            str(Path(tshark).with_name("dumpcap")) if Path(tshark).with_name("dumpcap").exists() else None
+        )
+        version = str(pyshark_tshark.get_tshark_version(tshark))
+        return cls(tshark=tshark, dumpcap=dumpcap, version=version)
+
+
+@dataclass
+class TsharkOptions:
+    layout: ColumnLayout
+    # tshark "decode as" rules, e.g. ("tcp.port==6380", "resp").
+    decode_as: Sequence[tuple[str, str]] = ()
+    session_reset_packets: int = DEFAULT_SESSION_RESET_PACKETS
+    disabled_protocols: Sequence[str] = DISABLED_PROTOCOLS
+    display_filter: str = "tcp or udp"
+    extra_args: Sequence[str] = field(default_factory=tuple)
+
+    def tshark_args(self, tools: Tools, source: str) -> list[str]:
+        args = [
+            tools.tshark,
+            "-n",
+            "-Q",
+            "-r",
+            source,
+            "-l",
+            "-M",
+            str(self.session_reset_packets),
+            "-T",
+            "tabs",
+            "-o",
+            self.layout.tshark_option(),
+            # Reassembled messages are what the parsers want.
+            "-o",
+            "tcp.desegment_tcp_streams:TRUE",
+            "-o",
+            "tcp.analyze_sequence_numbers:TRUE",
+            "-o",
+            "tcp.calculate_timestamps:FALSE",
+            "-Y",
+            self.display_filter,
+        ]
+        for proto in self.disabled_protocols:
+            args += ["--disable-protocol", proto]
+        for selector, proto in self.decode_as:
+            args += ["-d", f"{selector},{proto}"]
+        args += list(self.extra_args)
+        return args
+
+
+def dumpcap_args(tools: Tools, interfaces: Sequence[str], bpf: str | None, snaplen: int) -> list[str]:
+    if tools.dumpcap is None:
+        raise CaptureError("dumpcap not found: install it (Debian/Ubuntu: apt-get install tshark)")
+    args = [tools.dumpcap, "-q", "-s", str(snaplen)]
+    if bpf:
+        # A filter before the first -i applies to every interface.
+        args += ["-f", bpf]
+    for iface in interfaces:
+        args += ["-i", iface]
+    args += ["-w", "-"]
+    return args
+
+
+class _StderrTail:
+    """Drains a process's stderr so it can never block, keeping the last lines."""
+
+    def __init__(self, stream: object, lines: int = 20) -> None:
+        self.lines: deque[str] = deque(maxlen=lines)
+        self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _run(self, stream: object) -> None:
+        for raw in iter(stream.readline, b""):  # type: ignore[attr-defined]
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line and "Running as user" not in line:
+                self.lines.append(line)
+
+    def join(self) -> str:
+        self._thread.join(timeout=2)
+        return "\n".join(self.lines)
+
+
+class TsharkRows:
+    """Iterate tshark's rows; after iteration, ``error`` holds a one-line reason or None."""
+
+    def __init__(self, args: Sequence[str], stdin: int | None = None) -> None:
+        self.args = list(args)
+        self.error: str | None = None
+        self.returncode: int | None = None
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=1 << 20,
+            start_new_session=True,
+        )
+        self._stderr = _StderrTail(self.proc.stderr)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            yield raw.decode("utf-8", "replace").rstrip("\n").split("\t")
+        self.returncode = self.proc.wait()
+        tail = self._stderr.join()
+        if self.returncode != 0 or "cut short" in tail or "appears to be damaged" in tail:
+            self.error = _summarise(tail) or f"tshark exited with {self.returncode}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def _summarise(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("tshark:") or "cut short" in ln or "isn't a capture file" in ln:
+            return ln.removeprefix("tshark: ")
+    return lines[-1] if lines else ""
+
+
+def read_file(tools: Tools, path: str, options: TsharkOptions) -> TsharkRows:
+    """Rows of an offline pcap/pcapng file (gzip-compressed too: tshark reads it as is)."""
+    if not os.path.exists(path):
+        raise CaptureError(f"{path}: no such file")
+    if not os.access(path, os.R_OK):
+        raise CaptureError(f"{path}: permission denied")
+    return TsharkRows(options.tshark_args(tools, path))
+
+
+class LiveCapture:
+    """``dumpcap -w - | tshark -r -``: dumpcap holds the capture privileges and
+    drops nothing into a temporary file; tshark only dissects."""
+
+    def __init__(
+        self,
+        tools: Tools,
+        interfaces: Sequence[str],
+        options: TsharkOptions,
+        bpf: str | None = None,
+        snaplen: int = 65535,
+    ) -> None:
+        self.dumpcap = subprocess.Popen(
+            dumpcap_args(tools, interfaces, bpf, snaplen),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        self._dumpcap_err = _StderrTail(self.dumpcap.stderr)
+        assert self.dumpcap.stdout is not None
+        self.rows = TsharkRows(options.tshark_args(tools, "-"), stdin=self.dumpcap.stdout.fileno())
+        # tshark owns the read end now; keeping ours open would hide EOF.
+        self.dumpcap.stdout.close()
+
+    def __iter__(self) -> Iterator[list[str]]:
+        yield from self.rows
+        if self.dumpcap.poll() not in (None, 0):
+            self.rows.error = explain_dumpcap_error(self._dumpcap_err.join()) or self.rows.error
+
+    def dumpcap_error(self) -> str | None:
+        if self.dumpcap.poll() not in (None, 0):
+            return explain_dumpcap_error(self._dumpcap_err.join())
+        return None
+
+    def stop(self) -> None:
+        for proc in (self.dumpcap,):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGINT)
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        # tshark ends by itself once dumpcap's pipe closes; give it time to
+        # flush its last rows before forcing it.
+        try:
+            self.rows.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.rows.stop()
+
+
+def explain_dumpcap_error(stderr: str) -> str:
+    text = " ".join(stderr.split())
+    if "permission" in text.lower() or "Operation not permitted" in text:
+        return (
+            "dumpcap has no capture permission: run as root or grant it CAP_NET_RAW and "
+            f"CAP_NET_ADMIN (setcap cap_net_raw,cap_net_admin+eip $(which dumpcap)). dumpcap said: {text}"
+        )
+    if "No such device" in text or "doesn't exist" in text:
+        return f"capture interface not found: {text}"
+    return text

@@ -1,0 +1,1 @@
+"""Where records go: JSON Lines, the summary table, OTLP."""

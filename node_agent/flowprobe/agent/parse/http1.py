@@ -1,0 +1,95 @@
+"""HTTP/1.x requests and responses from tshark's ``http`` dissector.
+
+tshark reassembles chunked and multi-segment bodies and tracks HEAD responses,
+so a row carries a whole message. Pipelined messages in one segment show up as
+comma-joined occurrences, paired here in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flowprobe.agent.capture.columns import ColumnLayout
+from flowprobe.agent.parse.base import split_occurrences
+from flowprobe.agent.parse.messages import AttrValue, L7Message
+
+FIELDS = (
+    "http.request.method",
+    "http.request.uri",
+    "http.request.version",
+    "http.host",
+    "http.response.code",
+    "http.response.version",
+    "http.user_agent",
+    "http.content_length_header",
+)
+
+
+def split_uri(uri: str) -> tuple[str, str | None]:
+    path, sep, query = uri.partition("?")
+    return path, (query if sep else None)
+
+
+class Http1Parser:
+    name = "http"
+    tshark_name = "http"
+    layer = "http"
+    default_ports: tuple[int, ...] = (80, 8080, 8000)
+    transport = "tcp"
+    fields = FIELDS
+
+    def __init__(self, keep_user_agent: bool = False) -> None:
+        self.keep_user_agent = keep_user_agent
+        self._idx: tuple[int, ...] = ()
+
+    def bind(self, layout: ColumnLayout) -> None:
+        self._idx = layout.indices(FIELDS)
+
+    def parse(
+        self, cols: Sequence[str], to_server: bool | None, state: dict[str, object]
+    ) -> list[L7Message]:
+        i_method, i_uri, i_rver, i_host, i_code, i_sver, i_ua, _ = self._idx
+        out: list[L7Message] = []
+        methods = cols[i_method]
+        if methods:
+            method_list = split_occurrences(methods)
+            # A URI may itself contain commas; only split when several requests
+            # share the segment.
+            uris = [cols[i_uri]] if len(method_list) == 1 else split_occurrences(cols[i_uri])
+            versions = split_occurrences(cols[i_rver])
+            hosts = split_occurrences(cols[i_host])
+            agents = split_occurrences(cols[i_ua]) if self.keep_user_agent else []
+            for n, method in enumerate(method_list):
+                uri = uris[n] if n < len(uris) else ""
+                path, query = split_uri(uri)
+                attrs: dict[str, AttrValue] = {"http.request.method": method, "url.path": path}
+                if query is not None:
+                    attrs["url.query"] = query
+                if n < len(versions):
+                    attrs["network.protocol.version"] = versions[n].removeprefix("HTTP/")
+                if n < len(hosts):
+                    attrs["http.request.header.host"] = hosts[n]
+                if n < len(agents):
+                    attrs["user_agent.original"] = agents[n]
+                out.append(L7Message("http", True, attrs))
+        codes = cols[i_code]
+        if codes:
+            versions = split_occurrences(cols[i_sver])
+            for n, code_s in enumerate(split_occurrences(codes)):
+                code = int(code_s)
+                attrs = {"http.response.status_code": code}
+                if n < len(versions):
+                    attrs["network.protocol.version"] = versions[n].removeprefix("HTTP/")
+                # 1xx other than 101 are interim: the real response follows.
+                interim = 100 <= code < 200 and code != 101
+                out.append(
+                    L7Message(
+                        "http",
+                        False,
+                        attrs,
+                        final=not interim,
+                        error_type=str(code) if code >= 500 else None,
+                        upgrade=code == 101,
+                    )
+                )
+        return out

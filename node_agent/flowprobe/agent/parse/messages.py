@@ -1,0 +1,34 @@
+"""Typed records that leave the parsers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+AttrValue = str | int | float | bool | list[str]
+
+
+@dataclass(slots=True)
+class L7Message:
+    """One request or response (or a piece of a multi-packet response) seen in a packet.
+
+    ``key`` pairs responses with requests inside one connection: ``None`` means
+    first-in first-out (HTTP/1.x, Redis, SQL), otherwise the protocol's own
+    identifier (DNS transaction id, HTTP/2 stream id).
+    """
+
+    protocol: str
+    is_request: bool
+    attrs: dict[str, AttrValue] = field(default_factory=dict)
+    key: Any = None
+    # A response piece that does not end the exchange (PostgreSQL rows before
+    # ReadyForQuery, HTTP 100 Continue, gRPC headers before trailers).
+    final: bool = True
+    error_type: str | None = None
+    # HTTP 101 and similar: after this response the connection no longer
+    # carries the protocol, so nothing more is parsed on it.
+    upgrade: bool = False
+
+
+class ParseError(Exception):
+    """A packet's L7 columns do not make sense; counted per protocol, never fatal."""

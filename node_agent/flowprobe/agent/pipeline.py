@@ -1,0 +1,76 @@
+"""Wires the stages: tshark rows -> parsers -> sessionizer -> sinks.
+
+The only module that knows every stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flowprobe.agent.capture.columns import ColumnLayout
+from flowprobe.agent.capture.tshark import TsharkOptions
+from flowprobe.agent.config import AgentConfig
+from flowprobe.agent.parse.base import Parser
+from flowprobe.agent.parse.registry import build_parsers
+from flowprobe.agent.sessionize.records import Connection, Exchange
+from flowprobe.agent.sessionize.sessionizer import SessionConfig, Sessionizer
+from flowprobe.agent.sessionize.stats import Stats
+
+
+@dataclass
+class Sinks:
+    exchange: list[Callable[[Exchange], None]] = field(default_factory=list)
+    connection: list[Callable[[Connection], None]] = field(default_factory=list)
+
+    def on_exchange(self, ex: Exchange) -> None:
+        for fn in self.exchange:
+            fn(ex)
+
+    def on_connection(self, conn: Connection) -> None:
+        for fn in self.connection:
+            fn(conn)
+
+
+class Pipeline:
+    def __init__(self, config: AgentConfig, sinks: Sinks, stats: Stats | None = None) -> None:
+        self.config = config
+        self.stats = stats or Stats()
+        self.parsers: list[Parser] = build_parsers(config)
+        fields: list[str] = []
+        for p in self.parsers:
+            fields.extend(p.fields)
+        self.layout = ColumnLayout.build(fields)
+        for p in self.parsers:
+            p.bind(self.layout)
+        server_ports: dict[int, str] = {}
+        decode_as: list[tuple[str, str]] = []
+        for p in self.parsers:
+            for port in p.default_ports:
+                server_ports.setdefault(port, p.name)
+            for port in config.ports.get(p.name, ()):
+                server_ports[port] = p.name
+                decode_as.append((f"{p.transport}.port=={port}", p.tshark_name))
+        self.tshark_options = TsharkOptions(
+            layout=self.layout,
+            decode_as=decode_as,
+            session_reset_packets=config.session_reset_packets,
+        )
+        self.sessionizer = Sessionizer(
+            self.parsers,
+            sinks.on_exchange,
+            sinks.on_connection,
+            SessionConfig(
+                response_timeout_us=config.response_timeout_seconds * 1_000_000,
+                server_ports=server_ports,
+            ),
+            self.stats,
+        )
+
+    def feed(self, rows: Iterable[list[str]]) -> None:
+        process = self.sessionizer.process
+        for cols in rows:
+            process(cols)
+
+    def finish(self) -> None:
+        self.sessionizer.finish()

@@ -1,0 +1,1 @@
+"""Connections, request/response pairing and the exchange (XPM) record."""

@@ -1,0 +1,181 @@
+"""The records the sessionizer emits: one per exchange, one per finished connection.
+
+Field names follow the OpenTelemetry semantic conventions where one exists;
+flowprobe's own network figures carry a ``flowprobe.`` prefix. docs/records.md
+describes every field.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from flowprobe.agent.parse.messages import AttrValue
+
+
+class Outcome(StrEnum):
+    OK = "ok"
+    ERROR = "error"
+    NO_RESPONSE = "no_response"
+    RESET = "reset"
+    TIMEOUT = "timeout"
+
+
+@dataclass(slots=True)
+class Endpoints:
+    transport: str
+    client_address: str
+    client_port: int
+    server_address: str
+    server_port: int
+
+
+@dataclass(slots=True)
+class TcpFigures:
+    """Counts on the connection between the start and the end of an exchange."""
+
+    client_packets: int = 0
+    server_packets: int = 0
+    client_bytes: int = 0
+    server_bytes: int = 0
+    retransmits: int = 0
+    out_of_order: int = 0
+    zero_window: int = 0
+    syn: int = 0
+    fin: int = 0
+    rst: int = 0
+    rtt_samples: int = 0
+    rtt_sum_us: int = 0
+    rtt_max_us: int = 0
+
+
+@dataclass(slots=True)
+class Exchange:
+    protocol: str
+    endpoints: Endpoints
+    start_us: int
+    end_us: int
+    request_end_us: int
+    response_start_us: int | None
+    outcome: Outcome
+    attrs: dict[str, AttrValue] = field(default_factory=dict)
+    error_type: str | None = None
+    figures: TcpFigures = field(default_factory=TcpFigures)
+    handshake_server_us: int | None = None
+    handshake_client_us: int | None = None
+    # Events on the connection during the exchange (retransmits, zero windows,
+    # resets) as (timestamp µs, name); the exporter turns them into span events.
+    events: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def duration_us(self) -> int:
+        return self.end_us - self.start_us
+
+    @property
+    def server_response_time_us(self) -> int | None:
+        if self.response_start_us is None:
+            return None
+        return max(0, self.response_start_us - self.request_end_us)
+
+    def to_dict(self) -> dict[str, Any]:
+        ep = self.endpoints
+        f = self.figures
+        out: dict[str, Any] = {
+            "flowprobe.record": "exchange",
+            "flowprobe.protocol": self.protocol,
+            "start_time_unix_us": self.start_us,
+            "end_time_unix_us": self.end_us,
+            "flowprobe.duration_us": self.duration_us,
+            "flowprobe.outcome": self.outcome.value,
+            "network.transport": ep.transport,
+            "client.address": ep.client_address,
+            "client.port": ep.client_port,
+            "server.address": ep.server_address,
+            "server.port": ep.server_port,
+        }
+        out.update(self.attrs)
+        if self.error_type is not None:
+            out["error.type"] = self.error_type
+        srt = self.server_response_time_us
+        if srt is not None:
+            out["flowprobe.server_response_time_us"] = srt
+        if self.handshake_server_us is not None:
+            out["flowprobe.tcp.handshake.server_us"] = self.handshake_server_us
+        if self.handshake_client_us is not None:
+            out["flowprobe.tcp.handshake.client_us"] = self.handshake_client_us
+        out["flowprobe.request.packets"] = f.client_packets
+        out["flowprobe.response.packets"] = f.server_packets
+        out["flowprobe.request.bytes"] = f.client_bytes
+        out["flowprobe.response.bytes"] = f.server_bytes
+        if ep.transport == "tcp":
+            out["flowprobe.tcp.retransmits"] = f.retransmits
+            out["flowprobe.tcp.out_of_order"] = f.out_of_order
+            out["flowprobe.tcp.zero_window"] = f.zero_window
+            out["flowprobe.tcp.syn"] = f.syn
+            out["flowprobe.tcp.fin"] = f.fin
+            out["flowprobe.tcp.rst"] = f.rst
+            if f.rtt_samples:
+                out["flowprobe.tcp.rtt.samples"] = f.rtt_samples
+                out["flowprobe.tcp.rtt.mean_us"] = f.rtt_sum_us // f.rtt_samples
+                out["flowprobe.tcp.rtt.max_us"] = f.rtt_max_us
+        if self.events:
+            out["flowprobe.events"] = [{"time_unix_us": t, "name": n} for t, n in self.events]
+        return out
+
+
+@dataclass(slots=True)
+class Connection:
+    """An L4 record for every TCP/UDP flow, whatever it carried."""
+
+    endpoints: Endpoints
+    start_us: int
+    end_us: int
+    figures: TcpFigures
+    protocols: list[str]
+    exchanges: int
+    handshake_server_us: int | None
+    handshake_client_us: int | None
+    close_reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        ep = self.endpoints
+        f = self.figures
+        out: dict[str, Any] = {
+            "flowprobe.record": "connection",
+            "start_time_unix_us": self.start_us,
+            "end_time_unix_us": self.end_us,
+            "flowprobe.duration_us": self.end_us - self.start_us,
+            "network.transport": ep.transport,
+            "client.address": ep.client_address,
+            "client.port": ep.client_port,
+            "server.address": ep.server_address,
+            "server.port": ep.server_port,
+            "flowprobe.protocols": self.protocols,
+            "flowprobe.exchanges": self.exchanges,
+            "flowprobe.connection.close_reason": self.close_reason,
+            "flowprobe.request.packets": f.client_packets,
+            "flowprobe.response.packets": f.server_packets,
+            "flowprobe.request.bytes": f.client_bytes,
+            "flowprobe.response.bytes": f.server_bytes,
+        }
+        if ep.transport == "tcp":
+            out.update(
+                {
+                    "flowprobe.tcp.retransmits": f.retransmits,
+                    "flowprobe.tcp.out_of_order": f.out_of_order,
+                    "flowprobe.tcp.zero_window": f.zero_window,
+                    "flowprobe.tcp.syn": f.syn,
+                    "flowprobe.tcp.fin": f.fin,
+                    "flowprobe.tcp.rst": f.rst,
+                }
+            )
+            if self.handshake_server_us is not None:
+                out["flowprobe.tcp.handshake.server_us"] = self.handshake_server_us
+            if self.handshake_client_us is not None:
+                out["flowprobe.tcp.handshake.client_us"] = self.handshake_client_us
+            if f.rtt_samples:
+                out["flowprobe.tcp.rtt.samples"] = f.rtt_samples
+                out["flowprobe.tcp.rtt.mean_us"] = f.rtt_sum_us // f.rtt_samples
+                out["flowprobe.tcp.rtt.max_us"] = f.rtt_max_us
+        return out

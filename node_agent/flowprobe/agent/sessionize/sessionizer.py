@@ -1,0 +1,447 @@
+"""Connections and request/response pairing, driven by tshark's per-packet rows.
+
+Every packet updates its connection's counters; packets that carry an L7
+message are handed to that protocol's parser, and responses are paired with
+pending requests (FIFO, or by the protocol's key). Timing comes only from
+capture timestamps: an exchange starts at the first segment of its request and
+ends at the last segment of its response.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flowprobe.agent.capture import columns as c
+from flowprobe.agent.parse.base import Parser
+from flowprobe.agent.parse.messages import AttrValue, L7Message
+from flowprobe.agent.sessionize.records import Connection, Endpoints, Exchange, Outcome, TcpFigures
+from flowprobe.agent.sessionize.stats import Stats
+
+SYN, ACK, FIN, RST = 0x002, 0x010, 0x001, 0x004
+
+# Indices into a flow's counter list. Packets and bytes are per side (a, b);
+# the rest count both directions together.
+PKT_A, PKT_B, BYTES_A, BYTES_B, RETRANS, OOO, ZWIN, NSYN, NFIN, NRST, RTT_N, RTT_SUM, RTT_MAX = range(13)
+N_COUNTERS = 13
+MAX_EVENTS_PER_FLOW = 64
+MAX_PENDING_PER_FLOW = 1024
+
+
+def parse_ts_us(s: str) -> int:
+    sec, _, frac = s.partition(".")
+    return int(sec) * 1_000_000 + int((frac + "000000")[:6])
+
+
+@dataclass
+class SessionConfig:
+    response_timeout_us: int = 30_000_000
+    tcp_idle_timeout_us: int = 300_000_000
+    udp_idle_timeout_us: int = 30_000_000
+    closed_grace_us: int = 5_000_000
+    max_flows: int = 200_000
+    # Server ports per protocol name, used to decide which side is the server
+    # when the handshake was not seen.
+    server_ports: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Pending:
+    msg: L7Message
+    client_side: int
+    start_us: int
+    request_end_us: int
+    snapshot: list[int]
+    event_mark: int
+    response_start_us: int | None = None
+    response_attrs: dict[str, AttrValue] | None = None
+
+
+class Flow:
+    __slots__ = (
+        "a_addr",
+        "a_port",
+        "ack_us",
+        "b_addr",
+        "b_port",
+        "client_side",
+        "closed_us",
+        "counters",
+        "events",
+        "exchanges",
+        "fin_sides",
+        "first_us",
+        "handshake_reported",
+        "last_us",
+        "msg_snap",
+        "msg_start",
+        "pending",
+        "protocols",
+        "state",
+        "syn_us",
+        "synack_us",
+        "transport",
+        "upgraded",
+    )
+
+    def __init__(self, transport: str, a_addr: str, a_port: int, b_addr: str, b_port: int, ts: int):
+        self.transport = transport
+        self.a_addr, self.a_port, self.b_addr, self.b_port = a_addr, a_port, b_addr, b_port
+        self.client_side: int | None = None
+        self.counters = [0] * N_COUNTERS
+        self.syn_us: int | None = None
+        self.synack_us: int | None = None
+        self.ack_us: int | None = None
+        self.handshake_reported = False
+        self.msg_start: list[int | None] = [None, None]
+        self.msg_snap: list[list[int] | None] = [None, None]
+        self.pending: dict[Any, deque[Pending]] = {}
+        self.state: dict[str, object] = {}
+        self.protocols: list[str] = []
+        self.exchanges = 0
+        self.first_us = ts
+        self.last_us = ts
+        self.fin_sides = 0
+        self.closed_us: int | None = None
+        self.upgraded = False
+        self.events: deque[tuple[int, str]] = deque(maxlen=MAX_EVENTS_PER_FLOW)
+
+    def endpoints(self, client_side: int) -> Endpoints:
+        if client_side == 0:
+            return Endpoints(self.transport, self.a_addr, self.a_port, self.b_addr, self.b_port)
+        return Endpoints(self.transport, self.b_addr, self.b_port, self.a_addr, self.a_port)
+
+    def n_pending(self) -> int:
+        return sum(len(q) for q in self.pending.values())
+
+    def handshake(self) -> tuple[int | None, int | None]:
+        server = client = None
+        if self.syn_us is not None and self.synack_us is not None:
+            server = self.synack_us - self.syn_us
+            if self.ack_us is not None:
+                client = self.ack_us - self.synack_us
+        return server, client
+
+
+def figures(now: list[int], snap: list[int], client_side: int) -> TcpFigures:
+    d = [x - y for x, y in zip(now, snap, strict=True)]
+    cp, sp = (d[PKT_A], d[PKT_B]) if client_side == 0 else (d[PKT_B], d[PKT_A])
+    cb, sb = (d[BYTES_A], d[BYTES_B]) if client_side == 0 else (d[BYTES_B], d[BYTES_A])
+    return TcpFigures(
+        client_packets=cp,
+        server_packets=sp,
+        client_bytes=cb,
+        server_bytes=sb,
+        retransmits=d[RETRANS],
+        out_of_order=d[OOO],
+        zero_window=d[ZWIN],
+        syn=d[NSYN],
+        fin=d[NFIN],
+        rst=d[NRST],
+        rtt_samples=d[RTT_N],
+        rtt_sum_us=d[RTT_SUM],
+        # A running maximum cannot be differenced; the connection's maximum
+        # so far is the honest upper bound.
+        rtt_max_us=now[RTT_MAX] if d[RTT_N] else 0,
+    )
+
+
+class Sessionizer:
+    def __init__(
+        self,
+        parsers: Iterable[Parser],
+        on_exchange: Callable[[Exchange], None],
+        on_connection: Callable[[Connection], None] | None = None,
+        config: SessionConfig | None = None,
+        stats: Stats | None = None,
+    ) -> None:
+        self.config = config or SessionConfig()
+        self.stats = stats or Stats()
+        self.by_layer: dict[str, Parser] = {p.layer: p for p in parsers}
+        self.on_exchange = on_exchange
+        self.on_connection = on_connection or (lambda _c: None)
+        self.flows: dict[tuple[str, str, int, str, int], Flow] = {}
+        self.now_us = 0
+        self._next_sweep_us = 0
+
+    # -- per packet -------------------------------------------------------
+
+    def process(self, cols: Sequence[str]) -> None:
+        """Feed one tshark row. Malformed rows are counted, never raised."""
+        try:
+            self._process(cols)
+        except (ValueError, IndexError) as exc:
+            self.stats.anomaly("malformed_row", f"{exc!r} in {list(cols)[:8]}")
+
+    def _process(self, cols: Sequence[str]) -> None:
+        self.stats.packets += 1
+        ts = parse_ts_us(cols[c.TS])
+        if ts > self.now_us:
+            self.now_us = ts
+        if ts >= self._next_sweep_us:
+            self.sweep(ts)
+            self._next_sweep_us = ts + 1_000_000
+        src, dst = cols[c.SRC], cols[c.DST]
+        sport_s, dport_s = cols[c.SPORT], cols[c.DPORT]
+        if not sport_s or not dport_s:
+            # Not TCP or UDP (ICMP, ARP, fragments): nothing to pair.
+            self.stats.anomaly("non_transport_packet")
+            return
+        sport, dport = int(sport_s), int(dport_s)
+        transport = "tcp" if cols[c.TCP_STREAM] else "udp"
+        if (src, sport) <= (dst, dport):
+            key = (transport, src, sport, dst, dport)
+            side = 0
+        else:
+            key = (transport, dst, dport, src, sport)
+            side = 1
+        flags = int(cols[c.TCP_FLAGS], 16) if transport == "tcp" and cols[c.TCP_FLAGS] else 0
+        flow = self.flows.get(key)
+        if flow is not None and flags & SYN and not flags & ACK and flow.syn_us is not None:
+            if flow.closed_us is not None or flow.exchanges or flow.n_pending():
+                # Port reuse: the old connection is over.
+                self._close(flow, key, ts, "reused")
+                flow = None
+        if flow is None:
+            if len(self.flows) >= self.config.max_flows:
+                self._evict_oldest()
+            flow = Flow(transport, key[1], key[2], key[3], key[4], ts)
+            self.flows[key] = flow
+        flow.last_us = ts
+        ctr = flow.counters
+        payload = int(cols[c.PAYLOAD_LEN] or 0)
+        if transport == "udp":
+            payload = max(0, payload - 8)
+        retrans = bool(cols[c.RETRANS])
+        if payload and flow.msg_start[side] is None and not retrans:
+            flow.msg_start[side] = ts
+            flow.msg_snap[side] = ctr.copy()
+        ctr[PKT_A + side] += 1
+        ctr[BYTES_A + side] += payload
+        if flags:
+            self._tcp_flags(flow, side, flags, ts)
+        if retrans:
+            ctr[RETRANS] += 1
+            flow.events.append((ts, "tcp.retransmission"))
+        if cols[c.OUT_OF_ORDER]:
+            ctr[OOO] += 1
+            flow.events.append((ts, "tcp.out_of_order"))
+        if cols[c.ZERO_WINDOW]:
+            ctr[ZWIN] += 1
+            flow.events.append((ts, "tcp.zero_window"))
+        rtt = cols[c.ACK_RTT]
+        if rtt:
+            rtt_us = int(float(rtt) * 1_000_000)
+            ctr[RTT_N] += 1
+            ctr[RTT_SUM] += rtt_us
+            if rtt_us > ctr[RTT_MAX]:
+                ctr[RTT_MAX] = rtt_us
+        if payload and not flow.upgraded and not retrans:
+            self._l7(flow, side, cols, ts, sport, dport)
+        if flags & RST:
+            self._close(flow, key, ts, "reset")
+        elif flow.fin_sides == 3 and flow.closed_us is None:
+            self._close(flow, key, ts, "fin")
+
+    def _tcp_flags(self, flow: Flow, side: int, flags: int, ts: int) -> None:
+        ctr = flow.counters
+        if flags & SYN:
+            ctr[NSYN] += 1
+            if flags & ACK:
+                if flow.synack_us is None:
+                    flow.synack_us = ts
+            elif flow.syn_us is None:
+                flow.syn_us = ts
+                flow.client_side = side
+        elif (
+            flags & ACK
+            and flow.synack_us is not None
+            and flow.ack_us is None
+            and side == flow.client_side
+        ):
+            flow.ack_us = ts
+        if flags & FIN:
+            ctr[NFIN] += 1
+            flow.fin_sides |= 1 << side
+        if flags & RST:
+            ctr[NRST] += 1
+            flow.events.append((ts, "tcp.reset"))
+
+    def _server_side(self, flow: Flow, side: int, sport: int, dport: int) -> bool | None:
+        """Is this packet going to the server? None when nothing tells."""
+        if flow.client_side is not None:
+            return side == flow.client_side
+        sp = self.config.server_ports
+        if dport in sp and sport not in sp:
+            return True
+        if sport in sp and dport not in sp:
+            return False
+        return None
+
+    def _l7(self, flow: Flow, side: int, cols: Sequence[str], ts: int, sport: int, dport: int) -> None:
+        parser = None
+        for layer in cols[c.PROTOCOLS].split(":")[3:]:
+            parser = self.by_layer.get(layer)
+            if parser is not None:
+                break
+        if parser is None:
+            return
+        to_server = self._server_side(flow, side, sport, dport)
+        try:
+            messages = parser.parse(cols, to_server, flow.state)
+        except (ValueError, IndexError, KeyError) as exc:
+            self.stats.anomaly(f"parse_error.{parser.name}", repr(exc))
+            return
+        if not messages:
+            return
+        if parser.name not in flow.protocols:
+            flow.protocols.append(parser.name)
+        start = flow.msg_start[side] or ts
+        snap = flow.msg_snap[side] or flow.counters.copy()
+        flow.msg_start[side] = None
+        flow.msg_snap[side] = None
+        for msg in messages:
+            if msg.is_request:
+                self._request(flow, side, msg, start, ts, snap)
+            else:
+                self._response(flow, side, msg, start, ts)
+            start = ts
+            if msg.upgrade:
+                flow.upgraded = True
+
+    def _request(
+        self, flow: Flow, side: int, msg: L7Message, start: int, ts: int, snap: list[int]
+    ) -> None:
+        if flow.client_side is None:
+            flow.client_side = side
+        queue = flow.pending.get(msg.key)
+        if queue is None:
+            queue = flow.pending[msg.key] = deque()
+        if len(queue) >= MAX_PENDING_PER_FLOW:
+            old = queue.popleft()
+            self.stats.anomaly("pending_overflow", msg.protocol)
+            self._emit(flow, old, old.request_end_us, Outcome.NO_RESPONSE, None)
+        mark = flow.events[-1][0] if flow.events else 0
+        queue.append(Pending(msg, side, start, ts, snap, mark))
+
+    def _response(self, flow: Flow, side: int, msg: L7Message, start: int, ts: int) -> None:
+        queue = flow.pending.get(msg.key)
+        if not queue:
+            self.stats.anomaly(f"response_without_request.{msg.protocol}")
+            return
+        pending = queue[0]
+        if pending.client_side == side:
+            self.stats.anomaly(f"response_from_client.{msg.protocol}")
+            return
+        if pending.response_start_us is None:
+            pending.response_start_us = start
+        if pending.response_attrs is None:
+            pending.response_attrs = dict(msg.attrs)
+        else:
+            pending.response_attrs.update(msg.attrs)
+        if msg.error_type is not None:
+            pending.msg.error_type = msg.error_type
+        if not msg.final:
+            return
+        queue.popleft()
+        if not queue:
+            del flow.pending[msg.key]
+        outcome = Outcome.ERROR if pending.msg.error_type is not None else Outcome.OK
+        self._emit(flow, pending, ts, outcome, pending.msg.error_type)
+
+    # -- records ----------------------------------------------------------
+
+    def _emit(
+        self, flow: Flow, p: Pending, end_us: int, outcome: Outcome, error_type: str | None
+    ) -> None:
+        attrs = dict(p.msg.attrs)
+        if p.response_attrs:
+            attrs.update(p.response_attrs)
+        ex = Exchange(
+            protocol=p.msg.protocol,
+            endpoints=flow.endpoints(p.client_side),
+            start_us=p.start_us,
+            end_us=max(end_us, p.request_end_us),
+            request_end_us=p.request_end_us,
+            response_start_us=p.response_start_us,
+            outcome=outcome,
+            attrs=attrs,
+            error_type=error_type,
+            figures=figures(flow.counters, p.snapshot, p.client_side),
+        )
+        if not flow.handshake_reported and flow.syn_us is not None:
+            flow.handshake_reported = True
+            ex.handshake_server_us, ex.handshake_client_us = flow.handshake()
+        ex.events = [e for e in flow.events if p.start_us <= e[0] <= ex.end_us]
+        flow.exchanges += 1
+        self.stats.exchanges += 1
+        self.on_exchange(ex)
+
+    def _flush_pending(self, flow: Flow, outcome: Outcome, end_us: int | None = None) -> None:
+        for queue in flow.pending.values():
+            for p in queue:
+                err = "connection_reset" if outcome is Outcome.RESET else outcome.value
+                self._emit(flow, p, end_us if end_us is not None else p.request_end_us, outcome, err)
+        flow.pending.clear()
+
+    def _close(self, flow: Flow, key: tuple[str, str, int, str, int], ts: int, reason: str) -> None:
+        if flow.closed_us is not None:
+            return
+        flow.closed_us = ts
+        self._flush_pending(flow, Outcome.RESET if reason == "reset" else Outcome.NO_RESPONSE, ts)
+        client_side = flow.client_side if flow.client_side is not None else 0
+        server_hs, client_hs = flow.handshake()
+        conn = Connection(
+            endpoints=flow.endpoints(client_side),
+            start_us=flow.first_us,
+            end_us=ts,
+            figures=figures(flow.counters, [0] * N_COUNTERS, client_side),
+            protocols=list(flow.protocols),
+            exchanges=flow.exchanges,
+            handshake_server_us=server_hs,
+            handshake_client_us=client_hs,
+            close_reason=reason,
+        )
+        self.stats.connections += 1
+        self.on_connection(conn)
+        if reason == "reused":
+            del self.flows[key]
+
+    def _evict_oldest(self) -> None:
+        key = min(self.flows, key=lambda k: self.flows[k].last_us)
+        flow = self.flows[key]
+        self.stats.anomaly("flow_table_full")
+        self._close(flow, key, flow.last_us, "evicted")
+        self.flows.pop(key, None)
+
+    def sweep(self, now_us: int) -> None:
+        """Time out requests and idle connections; called as capture time advances."""
+        cfg = self.config
+        dead: list[tuple[str, str, int, str, int]] = []
+        for key, flow in self.flows.items():
+            if flow.closed_us is not None:
+                if now_us - flow.closed_us > cfg.closed_grace_us:
+                    dead.append(key)
+                continue
+            for qkey in list(flow.pending):
+                queue = flow.pending[qkey]
+                while queue and now_us - queue[0].request_end_us > cfg.response_timeout_us:
+                    p = queue.popleft()
+                    self._emit(flow, p, now_us, Outcome.TIMEOUT, "timeout")
+                if not queue:
+                    del flow.pending[qkey]
+            idle = cfg.tcp_idle_timeout_us if flow.transport == "tcp" else cfg.udp_idle_timeout_us
+            if now_us - flow.last_us > idle:
+                self._close(flow, key, flow.last_us, "idle")
+                dead.append(key)
+        for key in dead:
+            self.flows.pop(key, None)
+
+    def finish(self) -> None:
+        """End of input: every open request and connection is reported."""
+        for key, flow in list(self.flows.items()):
+            if flow.closed_us is None:
+                self._close(flow, key, flow.last_us, "capture_end")
+        self.flows.clear()

@@ -1,0 +1,33 @@
+"""Counters for everything the pipeline drops, repairs or cannot make sense of."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+
+log = logging.getLogger("flowprobe.agent")
+
+
+@dataclass
+class Stats:
+    packets: int = 0
+    exchanges: int = 0
+    connections: int = 0
+    anomalies: Counter[str] = field(default_factory=Counter)
+    _logged: set[str] = field(default_factory=set)
+
+    def anomaly(self, kind: str, detail: str = "") -> None:
+        """Count an anomaly; log only its first occurrence so a flood stays quiet."""
+        self.anomalies[kind] += 1
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("first %s%s (further ones are only counted)", kind, f": {detail}" if detail else "")
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "packets": self.packets,
+            "exchanges": self.exchanges,
+            "connections": self.connections,
+            "anomalies": dict(sorted(self.anomalies.items())),
+        }

@@ -1,0 +1,129 @@
+"""A span and a counter sent over OTLP gRPC come out of Jaeger and Prometheus."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import pytest
+from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind
+
+from flowprobe.devenv.backends import LocalBackends, attributes_of, spans_of
+
+pytestmark = pytest.mark.backends
+
+T = TypeVar("T")
+
+
+def poll(fetch: Callable[[], T], timeout: float = 30.0, interval: float = 0.5) -> T:
+    """Call ``fetch`` until it returns something truthy.
+
+    Spans and points go SDK batch -> collector batch -> backend (-> scrape), so
+    they are never visible at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+@pytest.fixture
+def service_name() -> str:
+    # Unique per test: Jaeger and Prometheus live for the whole session.
+    return f"flowprobe-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def resource(service_name: str) -> Resource:
+    return Resource.create(
+        {
+            "service.name": service_name,
+            "k8s.namespace.name": "shop",
+            "k8s.pod.name": "cart-7d9f-abcde",
+        }
+    )
+
+
+def test_span_reaches_jaeger(
+    local_backends: LocalBackends, service_name: str, resource: Resource
+) -> None:
+    start = datetime.now(UTC) - timedelta(minutes=1)
+    provider = TracerProvider(resource=resource)
+    provider.add_span_processor(
+        BatchSpanProcessor(OTLPSpanExporter(endpoint=local_backends.otlp_grpc, insecure=True))
+    )
+    tracer = provider.get_tracer("flowprobe.tests")
+    with tracer.start_as_current_span(
+        "GET /items/{id}",
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": "GET",
+            "http.route": "/items/{id}",
+            "http.response.status_code": 200,
+        },
+    ) as span:
+        trace_id = f"{span.get_span_context().trace_id:032x}"
+    assert provider.force_flush(10_000)
+    provider.shutdown()
+
+    def find() -> list[dict[str, Any]]:
+        end = datetime.now(UTC) + timedelta(minutes=1)
+        spans = spans_of(local_backends.jaeger_traces(service_name, start, end))
+        return [s for s in spans if s["traceId"] == trace_id]
+
+    found = poll(find)
+    assert len(found) == 1, (
+        f"trace {trace_id} not in Jaeger; services: {local_backends.jaeger_services()}"
+    )
+    got = found[0]
+    assert got["name"] == "GET /items/{id}"
+    assert got["kind"] in (2, "SPAN_KIND_SERVER")  # OTLP JSON allows either
+    assert attributes_of(got["attributes"])["http.route"] == "/items/{id}"
+    assert got["resource"]["k8s.pod.name"] == "cart-7d9f-abcde"
+    assert service_name in local_backends.jaeger_services()
+
+    # The test-only file exporter saw the same span.
+    assert any(
+        trace_id in str(rec) or trace_id.upper() in str(rec)
+        for rec in local_backends.otlp_file_records()
+        if "resourceSpans" in rec
+    )
+
+
+def test_counter_reaches_prometheus(
+    local_backends: LocalBackends, service_name: str, resource: Resource
+) -> None:
+    reader = PeriodicExportingMetricReader(
+        OTLPMetricExporter(endpoint=local_backends.otlp_grpc, insecure=True),
+        # Export only on force_flush, so the test controls the timing.
+        export_interval_millis=3_600_000,
+    )
+    provider = MeterProvider(resource=resource, metric_readers=[reader])
+    counter = provider.get_meter("flowprobe.tests").create_counter(
+        "flowprobe.test.requests", unit="{request}", description="test requests"
+    )
+    counter.add(3, {"http.request.method": "GET"})
+    counter.add(1, {"http.request.method": "POST"})
+    assert provider.force_flush(10_000)
+    provider.shutdown()
+
+    # The exporter turns service.name into `job` (kept by honor_labels), dots
+    # into underscores, drops the {annotation} unit and appends _total.
+    query = f'flowprobe_test_requests_total{{job="{service_name}"}}'
+    result = poll(lambda: local_backends.prom_query(query))
+    by_method = {r["metric"]["http_request_method"]: float(r["value"][1]) for r in result}
+    assert by_method == {"GET": 3.0, "POST": 1.0}, result
+    # resource_constant_labels in otel/collector.yaml copies k8s.* onto series.
+    assert {r["metric"].get("k8s_pod_name") for r in result} == {"cart-7d9f-abcde"}
