@@ -17,7 +17,7 @@ import secrets
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -170,3 +170,38 @@ class Node:
                     os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
         self._created.clear()
+
+
+@contextlib.contextmanager
+def capture_to_file(node: Node, path: str, bpf: str = "inbound") -> Iterator[None]:
+    """dumpcap in the node namespace into ``path`` while the block runs.
+
+    One ``any`` capture keeps packets in time order (dumpcap writes several
+    interfaces' packets in per-interface batches, which confuses tshark's TCP
+    analysis), and ``inbound`` sees each packet once: a pod-to-pod packet enters
+    the node through the sender's veth and leaves through the receiver's.
+    """
+    argv = ["dumpcap", "-i", "any", "-f", bpf, "-w", path]
+    proc = subprocess.Popen(
+        node.node_cmd(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    assert proc.stderr is not None
+    # dumpcap says "Capturing on ..." once every interface is open; before
+    # that, packets on the later interfaces would be missed.
+    seen = b""
+    while b"Capturing on" not in seen:
+        line = proc.stderr.readline()
+        if not line:
+            raise NetnsError(f"dumpcap did not start: {seen.decode(errors='replace')}")
+        seen += line
+    time.sleep(0.5)
+    try:
+        yield
+    finally:
+        time.sleep(0.3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=10)
+        err = seen + err
+        if proc.returncode not in (0, -signal.SIGINT):
+            raise NetnsError(f"dumpcap failed ({proc.returncode}): {err.decode(errors='replace')}")

@@ -46,8 +46,14 @@ class Tools:
 
     @classmethod
     def find(cls) -> Tools:
+        """Locate tshark (``FLOWPROBE_TSHARK`` overrides pyshark's search) and dumpcap."""
+        override = os.environ.get("FLOWPROBE_TSHARK")
+        if override and not os.path.exists(override):
+            raise CaptureError(
+                f"tshark not found at {override}: install it (Debian/Ubuntu: apt-get install tshark)"
+            )
         try:
-            tshark = pyshark_tshark.get_process_path()
+            tshark = pyshark_tshark.get_process_path(tshark_path=override)
         except pyshark_tshark.TSharkNotFoundException as exc:
             raise CaptureError(
                 "tshark not found: install it (Debian/Ubuntu: apt-get install tshark)"

@@ -25,7 +25,8 @@ SYN, ACK, FIN, RST = 0x002, 0x010, 0x001, 0x004
 # Indices into a flow's counter list. Packets and bytes are per side (a, b);
 # the rest count both directions together.
 PKT_A, PKT_B, BYTES_A, BYTES_B, RETRANS, OOO, ZWIN, NSYN, NFIN, NRST, RTT_N, RTT_SUM, RTT_MAX = range(13)
-N_COUNTERS = 13
+DPKT_A, DPKT_B = 13, 14  # packets carrying payload, per side
+N_COUNTERS = 15
 MAX_EVENTS_PER_FLOW = 64
 MAX_PENDING_PER_FLOW = 1024
 
@@ -55,6 +56,10 @@ class Pending:
     request_end_us: int
     snapshot: list[int]
     event_mark: int
+    request_bytes: int = 0
+    request_packets: int = 0
+    response_bytes: int = 0
+    response_packets: int = 0
     response_start_us: int | None = None
     response_attrs: dict[str, AttrValue] | None = None
 
@@ -127,6 +132,8 @@ class Flow:
 
 def figures(now: list[int], snap: list[int], client_side: int) -> TcpFigures:
     d = [x - y for x, y in zip(now, snap, strict=True)]
+    # Whole-connection figures count every packet; exchanges overwrite these
+    # with their own messages' segments.
     cp, sp = (d[PKT_A], d[PKT_B]) if client_side == 0 else (d[PKT_B], d[PKT_A])
     cb, sb = (d[BYTES_A], d[BYTES_B]) if client_side == 0 else (d[BYTES_B], d[BYTES_A])
     return TcpFigures(
@@ -220,6 +227,8 @@ class Sessionizer:
             flow.msg_snap[side] = ctr.copy()
         ctr[PKT_A + side] += 1
         ctr[BYTES_A + side] += payload
+        if payload:
+            ctr[DPKT_A + side] += 1
         if flags:
             self._tcp_flags(flow, side, flags, ts)
         if retrans:
@@ -302,17 +311,28 @@ class Sessionizer:
         snap = flow.msg_snap[side] or flow.counters.copy()
         flow.msg_start[side] = None
         flow.msg_snap[side] = None
+        # The message's own segments; messages sharing a segment share them.
+        n = len(messages)
+        size = ((flow.counters[BYTES_A + side] - snap[BYTES_A + side]) // n,
+                (flow.counters[DPKT_A + side] - snap[DPKT_A + side]) // n or 1)
         for msg in messages:
             if msg.is_request:
-                self._request(flow, side, msg, start, ts, snap)
+                self._request(flow, side, msg, start, ts, snap, size)
             else:
-                self._response(flow, side, msg, start, ts)
+                self._response(flow, side, msg, start, ts, size)
             start = ts
             if msg.upgrade:
                 flow.upgraded = True
 
     def _request(
-        self, flow: Flow, side: int, msg: L7Message, start: int, ts: int, snap: list[int]
+        self,
+        flow: Flow,
+        side: int,
+        msg: L7Message,
+        start: int,
+        ts: int,
+        snap: list[int],
+        size: tuple[int, int],
     ) -> None:
         if flow.client_side is None:
             flow.client_side = side
@@ -324,12 +344,17 @@ class Sessionizer:
             self.stats.anomaly("pending_overflow", msg.protocol)
             self._emit(flow, old, old.request_end_us, Outcome.NO_RESPONSE, None)
         mark = flow.events[-1][0] if flow.events else 0
-        queue.append(Pending(msg, side, start, ts, snap, mark))
+        queue.append(Pending(msg, side, start, ts, snap, mark, size[0], size[1]))
 
-    def _response(self, flow: Flow, side: int, msg: L7Message, start: int, ts: int) -> None:
+    def _response(
+        self, flow: Flow, side: int, msg: L7Message, start: int, ts: int, size: tuple[int, int]
+    ) -> None:
         queue = flow.pending.get(msg.key)
         if not queue:
-            self.stats.anomaly(f"response_without_request.{msg.protocol}")
+            # An interim response (HTTP 100 Continue) legitimately precedes the
+            # request's last segment, which is when the dissector reports it.
+            if msg.final:
+                self.stats.anomaly(f"response_without_request.{msg.protocol}")
             return
         pending = queue[0]
         if pending.client_side == side:
@@ -337,6 +362,8 @@ class Sessionizer:
             return
         if pending.response_start_us is None:
             pending.response_start_us = start
+        pending.response_bytes += size[0]
+        pending.response_packets += size[1]
         if pending.response_attrs is None:
             pending.response_attrs = dict(msg.attrs)
         else:
@@ -371,6 +398,9 @@ class Sessionizer:
             error_type=error_type,
             figures=figures(flow.counters, p.snapshot, p.client_side),
         )
+        f = ex.figures
+        f.client_bytes, f.client_packets = p.request_bytes, p.request_packets
+        f.server_bytes, f.server_packets = p.response_bytes, p.response_packets
         if not flow.handshake_reported and flow.syn_us is not None:
             flow.handshake_reported = True
             ex.handshake_server_us, ex.handshake_client_us = flow.handshake()

@@ -1,0 +1,73 @@
+"""A bounded load generator run inside the "frontend" pod.
+
+Sends ``--requests`` HTTP GETs over ``--connections`` keep-alive connections at
+about ``--rate`` per second, and ``--dns`` lookups, then prints what it sent as
+JSON (the demo and tests compare it with what the probe reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import threading
+import time
+from collections import Counter
+
+import dns.message
+import dns.query
+import dns.rcode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--requests", type=int, default=1000)
+    ap.add_argument("--rate", type=float, default=200.0)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--dns-server")
+    ap.add_argument("--dns", type=int, default=0)
+    ap.add_argument("--paths", default="/orders/{n}", help="path template; {n} is 0..999")
+    args = ap.parse_args()
+    sent: Counter[str] = Counter()
+    lock = threading.Lock()
+    per_conn = args.requests // args.connections
+    interval = args.connections / args.rate
+
+    def worker(seed: int) -> None:
+        rnd = random.Random(seed)
+        conn = http.client.HTTPConnection(args.target, args.port, timeout=10)
+        next_t = time.monotonic()
+        for _ in range(per_conn):
+            path = args.paths.format(n=rnd.randrange(0, 200))
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            resp.read()
+            with lock:
+                sent[str(resp.status)] += 1
+            next_t += interval
+            delay = next_t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(args.connections)]
+    for t in threads:
+        t.start()
+    rcodes: Counter[str] = Counter()
+    if args.dns_server:
+        for i in range(args.dns):
+            name = "api.demo.local" if i % 5 else f"missing{i}.demo.local"
+            q = dns.message.make_query(name, "A")
+            r = dns.query.udp(q, args.dns_server, timeout=2)
+            rcodes[dns.rcode.to_text(r.rcode())] += 1
+            time.sleep(0.01)
+    for t in threads:
+        t.join()
+    print(json.dumps({"http": dict(sent), "dns": dict(rcodes)}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Real servers started inside pod namespaces: Debian's redis-server and PostgreSQL,
+flowprobe's test HTTP app and a small authoritative DNS server."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from flowprobe.devenv.netns import NetnsError, Pod
+
+
+def start_http(pod: Pod, port: int = 8080, app: str = "flowprobe.devenv.httpapp", *args: str) -> None:
+    pod.spawn([sys.executable, "-m", app, pod.ip, str(port), *args])
+    pod.wait_port(port)
+
+
+def start_redis(pod: Pod, workdir: Path, port: int = 6379) -> None:
+    exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+    pod.spawn(
+        [exe, "--bind", pod.ip, "--port", str(port), "--save", "", "--appendonly", "no",
+         "--dir", str(workdir), "--protected-mode", "no"],
+        log_path=str(workdir / "redis.log"),
+    )
+    pod.wait_port(port)
+
+
+def _pg_bin(name: str) -> str:
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    if not found:
+        raise NetnsError("PostgreSQL binaries not found: apt-get install postgresql")
+    return found[-1]
+
+
+def start_postgres(pod: Pod, workdir: Path, port: int = 5432) -> None:
+    """A throwaway cluster owned by the postgres user, trusting connections from the pods."""
+    data = workdir / "pgdata"
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The postgres user must be able to reach its data dir through our temp dirs.
+    for parent in workdir.parents:
+        if parent == Path(tempfile.gettempdir()):
+            break
+        parent.chmod(parent.stat().st_mode | 0o011)
+    shutil.chown(workdir, "postgres", "postgres")
+    subprocess.run(
+        ["runuser", "-u", "postgres", "--", _pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+    )
+    with open(data / "pg_hba.conf", "a") as f:
+        f.write("host all all 0.0.0.0/0 trust\n")
+    pod.spawn(
+        ["runuser", "-u", "postgres", "--", _pg_bin("postgres"), "-D", str(data),
+         "-c", f"listen_addresses={pod.ip}", "-c", f"port={port}",
+         "-c", f"unix_socket_directories={workdir}", "-c", "ssl=off", "-c", "fsync=off"],
+        log_path=str(workdir / "postgres.log"),
+    )
+    pod.wait_port(port, timeout=60)
+
+
+DNS_SERVER = r'''
+import socket, sys, threading, struct
+import dns.message, dns.rcode, dns.rrset
+ip, zone = sys.argv[1], dict(a.split("=") for a in sys.argv[2:])
+def answer(wire):
+    q = dns.message.from_wire(wire); r = dns.message.make_response(q)
+    name = q.question[0].name.to_text().rstrip(".")
+    if name in zone:
+        r.answer.append(dns.rrset.from_text(q.question[0].name, 30, "IN", "A", zone[name]))
+    else:
+        r.set_rcode(dns.rcode.NXDOMAIN)
+    return r.to_wire()
+def tcp():
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((ip, 53)); srv.listen(16)
+    while True:
+        c, _ = srv.accept()
+        n = struct.unpack("!H", c.recv(2))[0]; out = answer(c.recv(n))
+        c.sendall(struct.pack("!H", len(out)) + out); c.close()
+threading.Thread(target=tcp, daemon=True).start()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, 53))
+while True:
+    data, peer = u.recvfrom(4096); u.sendto(answer(data), peer)
+'''
+
+
+def start_dns(pod: Pod, zone: dict[str, str]) -> None:
+    """An authoritative server for ``zone`` (name -> IPv4), NXDOMAIN for the rest, UDP and TCP."""
+    pod.spawn([sys.executable, "-c", DNS_SERVER, pod.ip, *(f"{k}={v}" for k, v in zone.items())])
+    pod.wait_port(53)
+
+
+def ensure_root() -> None:
+    if os.geteuid() != 0:
+        raise SystemExit("this needs root: network namespaces, veths and dumpcap")
