@@ -84,7 +84,6 @@ class TsharkOptions:
             "-Q",
             "-r",
             source,
-            "-l",
             "-M",
             str(self.session_reset_packets),
             "-T",
@@ -105,6 +104,9 @@ class TsharkOptions:
             args += ["--disable-protocol", proto]
         for selector, proto in self.decode_as:
             args += ["-d", f"{selector},{proto}"]
+        if source == "-":
+            # Live: hand each row over at once instead of when a buffer fills.
+            args.append("-l")
         args += list(self.extra_args)
         return args
 

@@ -19,10 +19,8 @@ FIELDS = (
     "http.request.version",
     "http.host",
     "http.response.code",
-    "http.response.version",
-    "http.user_agent",
-    "http.content_length_header",
 )
+USER_AGENT = "http.user_agent"
 
 
 def split_uri(uri: str) -> tuple[str, str | None]:
@@ -40,15 +38,20 @@ class Http1Parser:
 
     def __init__(self, keep_user_agent: bool = False) -> None:
         self.keep_user_agent = keep_user_agent
+        # The user agent is opt-in, and so is its column's cost.
+        self.fields = (*FIELDS, USER_AGENT) if keep_user_agent else FIELDS
         self._idx: tuple[int, ...] = ()
+        self._ua = -1
 
     def bind(self, layout: ColumnLayout) -> None:
         self._idx = layout.indices(FIELDS)
+        if self.keep_user_agent:
+            self._ua = layout.index(USER_AGENT)
 
     def parse(
         self, cols: Sequence[str], to_server: bool | None, state: dict[str, object]
     ) -> list[L7Message]:
-        i_method, i_uri, i_rver, i_host, i_code, i_sver, i_ua, _ = self._idx
+        i_method, i_uri, i_rver, i_host, i_code = self._idx
         out: list[L7Message] = []
         methods = cols[i_method]
         if methods:
@@ -58,28 +61,25 @@ class Http1Parser:
             uris = [cols[i_uri]] if len(method_list) == 1 else split_occurrences(cols[i_uri])
             versions = split_occurrences(cols[i_rver])
             hosts = split_occurrences(cols[i_host])
-            agents = split_occurrences(cols[i_ua]) if self.keep_user_agent else []
+            agents = split_occurrences(cols[self._ua]) if self._ua >= 0 else []
             for n, method in enumerate(method_list):
                 uri = uris[n] if n < len(uris) else ""
                 path, query = split_uri(uri)
-                attrs: dict[str, AttrValue] = {"http.request.method": method, "url.path": path}
+                req: dict[str, AttrValue] = {"http.request.method": method, "url.path": path}
                 if query is not None:
-                    attrs["url.query"] = query
+                    req["url.query"] = query
                 if n < len(versions):
-                    attrs["network.protocol.version"] = versions[n].removeprefix("HTTP/")
+                    req["network.protocol.version"] = versions[n].removeprefix("HTTP/")
                 if n < len(hosts):
-                    attrs["http.request.header.host"] = hosts[n]
+                    req["http.request.header.host"] = hosts[n]
                 if n < len(agents):
-                    attrs["user_agent.original"] = agents[n]
-                out.append(L7Message("http", True, attrs))
+                    req["user_agent.original"] = agents[n]
+                out.append(L7Message("http", True, req))
         codes = cols[i_code]
         if codes:
-            versions = split_occurrences(cols[i_sver])
-            for n, code_s in enumerate(split_occurrences(codes)):
+            for code_s in split_occurrences(codes):
                 code = int(code_s)
-                attrs = {"http.response.status_code": code}
-                if n < len(versions):
-                    attrs["network.protocol.version"] = versions[n].removeprefix("HTTP/")
+                attrs: dict[str, AttrValue] = {"http.response.status_code": code}
                 # 1xx other than 101 are interim: the real response follows.
                 interim = 100 <= code < 200 and code != 101
                 out.append(

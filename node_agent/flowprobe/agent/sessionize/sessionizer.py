@@ -197,14 +197,14 @@ class Sessionizer:
             self.stats.anomaly("non_transport_packet")
             return
         sport, dport = int(sport_s), int(dport_s)
-        transport = "tcp" if cols[c.TCP_STREAM] else "udp"
+        transport = "tcp" if cols[c.TCP_FLAGS] else "udp"
         if (src, sport) <= (dst, dport):
             key = (transport, src, sport, dst, dport)
             side = 0
         else:
             key = (transport, dst, dport, src, sport)
             side = 1
-        flags = int(cols[c.TCP_FLAGS], 16) if transport == "tcp" and cols[c.TCP_FLAGS] else 0
+        flags = int(cols[c.TCP_FLAGS], 16) if transport == "tcp" else 0
         flow = self.flows.get(key)
         if flow is not None and flags & SYN and not flags & ACK and flow.syn_us is not None:
             if flow.closed_us is not None or flow.exchanges or flow.n_pending():

@@ -1,0 +1,102 @@
+"""Live capture: real servers in network-namespace pods, the agent capturing on the node side."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowprobe.devenv.netns import Node, Pod
+from flowprobe.devenv.servers import start_http
+
+pytestmark = [pytest.mark.capture, pytest.mark.netns]
+
+CLIENT = r"""
+import socket, sys, time, json
+ip, delays, n = sys.argv[1], [int(x) for x in sys.argv[2].split(",")], int(sys.argv[3])
+s = socket.create_connection((ip, 8080))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+out = []
+for ms in delays:
+    req = f"GET /delay/{ms} HTTP/1.1\r\nHost: api\r\n\r\n".encode()
+    t0 = time.monotonic_ns()
+    s.sendall(req)
+    buf = b""
+    while not buf.endswith(b"slept\n"):
+        buf += s.recv(65536)
+    out.append([ms, (time.monotonic_ns() - t0) // 1000])
+for i in range(n):
+    s.sendall(f"GET /items/{i} HTTP/1.1\r\nHost: api\r\n\r\n".encode())
+    buf = b""
+    while not buf.endswith(b"\n}\n") and b'"ok": true' not in buf:
+        buf += s.recv(65536)
+s.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def pods() -> Iterator[tuple[Node, Pod, Pod]]:
+    with Node(subnet="10.253.0.0/24") as node:
+        client = node.add_pod("client")
+        server = node.add_pod("api")
+        start_http(server, 8080)
+        yield node, client, server
+
+
+def _capture(node: Node, out: Path) -> subprocess.Popen[bytes]:
+    agent = node.spawn_node(
+        [sys.executable, "-m", "flowprobe.agent", "capture", "-i", "any", "-f", "inbound and tcp port 8080",
+         "--output", str(out)],
+        stderr=subprocess.PIPE,
+    )
+    time.sleep(2.0)
+    return agent
+
+
+def _stop(agent: subprocess.Popen[bytes]) -> None:
+    os.killpg(agent.pid, signal.SIGINT)
+    assert agent.wait(timeout=60) == 0
+
+
+def test_every_request_reported_once_with_client_measured_durations(
+    pods: tuple[Node, Pod, Pod], tmp_path: Path
+) -> None:
+    node, client, server = pods
+    out = tmp_path / "live.jsonl"
+    agent = _capture(node, out)
+    delays = [5, 10, 20, 50, 100, 200]
+    r = client.run([sys.executable, "-c", CLIENT, server.ip, ",".join(map(str, delays)), "200"])
+    assert r.returncode == 0, r.stderr
+    time.sleep(1.0)
+    _stop(agent)
+    measured = {ms: us for ms, us in json.loads(r.stdout)}
+    records: list[dict[str, Any]] = [json.loads(ln) for ln in out.read_text().splitlines()]
+    items = [rec for rec in records if rec["url.path"].startswith("/items/")]
+    assert sorted(rec["url.path"] for rec in items) == sorted(f"/items/{i}" for i in range(200))
+    assert all(rec["http.response.status_code"] == 200 for rec in items)
+    slow = {int(rec["url.path"].rsplit("/", 1)[1]): rec for rec in records if rec["url.path"].startswith("/delay/")}
+    assert sorted(slow) == delays
+    for ms, rec in slow.items():
+        assert rec["client.address"] == client.ip and rec["server.address"] == server.ip
+        assert rec["flowprobe.server_response_time_us"] >= ms * 1000
+        assert abs(rec["flowprobe.duration_us"] - measured[ms]) <= 1000, (ms, rec["flowprobe.duration_us"], measured[ms])
+
+
+def test_capture_interface_missing_is_a_clear_error(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "flowprobe.agent", "capture", "-i", "nosuchif0", "--duration", "5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "nosuchif0" in r.stderr
