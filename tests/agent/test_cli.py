@@ -18,7 +18,10 @@ KEEPALIVE = DATA / "http" / "keepalive.pcapng"
 
 def agent(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "flowprobe.agent", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "flowprobe.agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -54,8 +54,18 @@ def pods() -> Iterator[tuple[Node, Pod, Pod]]:
 
 def _capture(node: Node, out: Path) -> subprocess.Popen[bytes]:
     agent = node.spawn_node(
-        [sys.executable, "-m", "flowprobe.agent", "capture", "-i", "any", "-f", "inbound and tcp port 8080",
-         "--output", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "flowprobe.agent",
+            "capture",
+            "-i",
+            "any",
+            "-f",
+            "inbound and tcp port 8080",
+            "--output",
+            str(out),
+        ],
         stderr=subprocess.PIPE,
     )
     time.sleep(2.0)
@@ -83,12 +93,20 @@ def test_every_request_reported_once_with_client_measured_durations(
     items = [rec for rec in records if rec["url.path"].startswith("/items/")]
     assert sorted(rec["url.path"] for rec in items) == sorted(f"/items/{i}" for i in range(200))
     assert all(rec["http.response.status_code"] == 200 for rec in items)
-    slow = {int(rec["url.path"].rsplit("/", 1)[1]): rec for rec in records if rec["url.path"].startswith("/delay/")}
+    slow = {
+        int(rec["url.path"].rsplit("/", 1)[1]): rec
+        for rec in records
+        if rec["url.path"].startswith("/delay/")
+    }
     assert sorted(slow) == delays
     for ms, rec in slow.items():
         assert rec["client.address"] == client.ip and rec["server.address"] == server.ip
         assert rec["flowprobe.server_response_time_us"] >= ms * 1000
-        assert abs(rec["flowprobe.duration_us"] - measured[ms]) <= 1000, (ms, rec["flowprobe.duration_us"], measured[ms])
+        assert abs(rec["flowprobe.duration_us"] - measured[ms]) <= 1000, (
+            ms,
+            rec["flowprobe.duration_us"],
+            measured[ms],
+        )
 
 
 def test_capture_interface_missing_is_a_clear_error(tmp_path: Path) -> None:

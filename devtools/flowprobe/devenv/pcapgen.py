@@ -19,7 +19,7 @@ def _csum(data: bytes) -> int:
     s = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    return int(~s & 0xFFFF)
 
 
 @dataclass
@@ -35,8 +35,12 @@ class Conn:
         src, dst = (self.cip, self.sip) if from_client else (self.sip, self.cip)
         sp, dp = (self.cport, self.sport) if from_client else (self.sport, self.cport)
         seq, ack = (self.cseq, self.sseq) if from_client else (self.sseq, self.cseq)
-        tcp = struct.pack("!HHIIBBHHH", sp, dp, seq, ack if flags & ACK else 0, 5 << 4, flags, 65535, 0, 0)
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0x4000, 64, 6, 0, src, dst)
+        tcp = struct.pack(
+            "!HHIIBBHHH", sp, dp, seq, ack if flags & ACK else 0, 5 << 4, flags, 65535, 0, 0
+        )
+        ip = struct.pack(
+            "!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp) + len(payload), 0, 0x4000, 64, 6, 0, src, dst
+        )
         ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
         advance = len(payload) + (1 if flags & (SYN | FIN) else 0)
         if from_client:
@@ -50,7 +54,12 @@ def http_pair(i: int) -> tuple[bytes, bytes]:
     req = f"GET /api/orders/{i} HTTP/1.1\r\nHost: api\r\nUser-Agent: bench\r\n\r\n".encode()
     body = b'{"id": %d, "item": "widget", "qty": 3}' % i
     status = b"500 Internal Server Error" if i % 100 == 0 else b"200 OK"
-    resp = b"HTTP/1.1 " + status + b"\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    resp = (
+        b"HTTP/1.1 "
+        + status
+        + b"\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )
     return req, resp
 
 
@@ -126,6 +135,8 @@ def write_pcap(out: BinaryIO, counts: dict[str, int]) -> int:
     out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
     n = 0
     for ts, frame in packets(counts):
-        out.write(struct.pack("<IIII", ts // 1_000_000, ts % 1_000_000, len(frame), len(frame)) + frame)
+        out.write(
+            struct.pack("<IIII", ts // 1_000_000, ts % 1_000_000, len(frame), len(frame)) + frame
+        )
         n += 1
     return n

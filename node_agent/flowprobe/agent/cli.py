@@ -8,7 +8,6 @@ import logging
 import signal
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from typing import BinaryIO
 
@@ -38,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--output", "-o", help="write JSON Lines here instead of stdout")
     common.add_argument("--summary", action="store_true", help="print a table instead of records")
-    common.add_argument("--connections", action="store_true", help="also write L4 connection records")
+    common.add_argument(
+        "--connections", action="store_true", help="also write L4 connection records"
+    )
     common.add_argument(
         "--port",
         action="append",
@@ -54,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     rd = sub.add_parser("read", parents=[common], help="read pcap/pcapng files (gzip too)")
     rd.add_argument("files", nargs="+")
     cap = sub.add_parser("capture", parents=[common], help="capture live until interrupted")
-    cap.add_argument("--interface", "-i", action="append", required=True, help="interface (repeatable) or 'any'")
+    cap.add_argument(
+        "--interface", "-i", action="append", required=True, help="interface (repeatable) or 'any'"
+    )
     cap.add_argument("--filter", "-f", help="BPF capture filter")
     cap.add_argument("--duration", type=float, help="stop after this many seconds")
     return ap

@@ -16,7 +16,12 @@ HTTP = DATA / "http"
 
 def _summary(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
     return [
-        (r.get("http.request.method"), r.get("url.path"), r.get("http.response.status_code"), r["flowprobe.outcome"])
+        (
+            r.get("http.request.method"),
+            r.get("url.path"),
+            r.get("http.response.status_code"),
+            r["flowprobe.outcome"],
+        )
         for r in records
     ]
 
@@ -43,7 +48,11 @@ def test_keepalive_connection_yields_one_exchange_per_request() -> None:
 @pytest.mark.capture
 def test_pipelined_requests_pair_in_order() -> None:
     records = read_pcap(HTTP / "pipelined.pcapng")
-    assert _summary(records) == [("GET", "/a", 200, "ok"), ("GET", "/b", 200, "ok"), ("HEAD", "/c", 200, "ok")]
+    assert _summary(records) == [
+        ("GET", "/a", 200, "ok"),
+        ("GET", "/b", 200, "ok"),
+        ("HEAD", "/c", 200, "ok"),
+    ]
     # All three left in one segment, so they share a start.
     assert len({r["start_time_unix_us"] for r in records}) == 1
 
@@ -72,7 +81,8 @@ def test_chunked_continue_head_errors_and_upgrade() -> None:
 def test_server_delays_are_measured_from_capture_timestamps() -> None:
     records = read_pcap(HTTP / "delays.pcapng")
     client_measured = {
-        int(ms): int(us) for ms, us in (ln.split() for ln in (HTTP / "delays.client.txt").read_text().splitlines())
+        int(ms): int(us)
+        for ms, us in (ln.split() for ln in (HTTP / "delays.client.txt").read_text().splitlines())
     }
     assert [r["url.path"] for r in records] == [f"/delay/{ms}" for ms in client_measured]
     for r in records:

@@ -61,7 +61,9 @@ class Tools:
         if not os.access(tshark, os.X_OK):
             raise CaptureError(f"tshark at {tshark} is not executable")
         dumpcap = shutil.which("dumpcap") or (
-            str(Path(tshark).with_name("dumpcap")) if Path(tshark).with_name("dumpcap").exists() else None
+            str(Path(tshark).with_name("dumpcap"))
+            if Path(tshark).with_name("dumpcap").exists()
+            else None
         )
         version = str(pyshark_tshark.get_tshark_version(tshark))
         return cls(tshark=tshark, dumpcap=dumpcap, version=version)
@@ -111,7 +113,9 @@ class TsharkOptions:
         return args
 
 
-def dumpcap_args(tools: Tools, interfaces: Sequence[str], bpf: str | None, snaplen: int) -> list[str]:
+def dumpcap_args(
+    tools: Tools, interfaces: Sequence[str], bpf: str | None, snaplen: int
+) -> list[str]:
     if tools.dumpcap is None:
         raise CaptureError("dumpcap not found: install it (Debian/Ubuntu: apt-get install tshark)")
     args = [tools.dumpcap, "-q", "-s", str(snaplen)]

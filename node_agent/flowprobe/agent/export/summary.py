@@ -92,9 +92,13 @@ class Summary:
             )
 
         out.write(f"{'EDGE (client -> server)':<48} {'proto':<10} {head}\n")
-        for (client, server, proto), row in sorted(self.edges.items(), key=lambda kv: -kv[1].count)[:top]:
+        for (client, server, proto), row in sorted(self.edges.items(), key=lambda kv: -kv[1].count)[
+            :top
+        ]:
             out.write(f"{client + ' -> ' + server:<48} {proto:<10} {line(row)}\n")
         out.write(f"\n{'ENDPOINT':<48} {'proto':<10} {head}\n")
-        for (server, proto, name), row in sorted(self.endpoints.items(), key=lambda kv: -kv[1].count)[:top]:
+        for (server, proto, name), row in sorted(
+            self.endpoints.items(), key=lambda kv: -kv[1].count
+        )[:top]:
             label = f"{server} {name}"
             out.write(f"{label[:48]:<48} {proto:<10} {line(row)}\n")

@@ -28,7 +28,9 @@ class Parser(Protocol):
     def bind(self, layout: ColumnLayout) -> None:
         """Resolve column indices once, before the first packet."""
 
-    def parse(self, cols: Sequence[str], from_client: bool | None, state: dict[str, object]) -> list[L7Message]:
+    def parse(
+        self, cols: Sequence[str], from_client: bool | None, state: dict[str, object]
+    ) -> list[L7Message]:
         """Messages in this packet. ``state`` is per-connection scratch space."""
         ...
 

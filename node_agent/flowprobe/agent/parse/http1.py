@@ -34,7 +34,7 @@ class Http1Parser:
     layer = "http"
     default_ports: tuple[int, ...] = (80, 8080, 8000)
     transport = "tcp"
-    fields = FIELDS
+    fields: tuple[str, ...] = FIELDS
 
     def __init__(self, keep_user_agent: bool = False) -> None:
         self.keep_user_agent = keep_user_agent

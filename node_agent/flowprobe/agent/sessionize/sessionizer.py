@@ -24,7 +24,9 @@ SYN, ACK, FIN, RST = 0x002, 0x010, 0x001, 0x004
 
 # Indices into a flow's counter list. Packets and bytes are per side (a, b);
 # the rest count both directions together.
-PKT_A, PKT_B, BYTES_A, BYTES_B, RETRANS, OOO, ZWIN, NSYN, NFIN, NRST, RTT_N, RTT_SUM, RTT_MAX = range(13)
+PKT_A, PKT_B, BYTES_A, BYTES_B, RETRANS, OOO, ZWIN, NSYN, NFIN, NRST, RTT_N, RTT_SUM, RTT_MAX = (
+    range(13)
+)
 DPKT_A, DPKT_B = 13, 14  # packets carrying payload, per side
 N_COUNTERS = 15
 MAX_EVENTS_PER_FLOW = 64
@@ -206,11 +208,16 @@ class Sessionizer:
             side = 1
         flags = int(cols[c.TCP_FLAGS], 16) if transport == "tcp" else 0
         flow = self.flows.get(key)
-        if flow is not None and flags & SYN and not flags & ACK and flow.syn_us is not None:
-            if flow.closed_us is not None or flow.exchanges or flow.n_pending():
-                # Port reuse: the old connection is over.
-                self._close(flow, key, ts, "reused")
-                flow = None
+        if (
+            flow is not None
+            and flags & SYN
+            and not flags & ACK
+            and flow.syn_us is not None
+            and (flow.closed_us is not None or flow.exchanges or flow.n_pending())
+        ):
+            # Port reuse: the old connection is over.
+            self._close(flow, key, ts, "reused")
+            flow = None
         if flow is None:
             if len(self.flows) >= self.config.max_flows:
                 self._evict_oldest()
@@ -289,7 +296,9 @@ class Sessionizer:
             return False
         return None
 
-    def _l7(self, flow: Flow, side: int, cols: Sequence[str], ts: int, sport: int, dport: int) -> None:
+    def _l7(
+        self, flow: Flow, side: int, cols: Sequence[str], ts: int, sport: int, dport: int
+    ) -> None:
         parser = None
         for layer in cols[c.PROTOCOLS].split(":")[3:]:
             parser = self.by_layer.get(layer)
@@ -313,8 +322,10 @@ class Sessionizer:
         flow.msg_snap[side] = None
         # The message's own segments; messages sharing a segment share them.
         n = len(messages)
-        size = ((flow.counters[BYTES_A + side] - snap[BYTES_A + side]) // n,
-                (flow.counters[DPKT_A + side] - snap[DPKT_A + side]) // n or 1)
+        size = (
+            (flow.counters[BYTES_A + side] - snap[BYTES_A + side]) // n,
+            (flow.counters[DPKT_A + side] - snap[DPKT_A + side]) // n or 1,
+        )
         for msg in messages:
             if msg.is_request:
                 self._request(flow, side, msg, start, ts, snap, size)
@@ -413,7 +424,9 @@ class Sessionizer:
         for queue in flow.pending.values():
             for p in queue:
                 err = "connection_reset" if outcome is Outcome.RESET else outcome.value
-                self._emit(flow, p, end_us if end_us is not None else p.request_end_us, outcome, err)
+                self._emit(
+                    flow, p, end_us if end_us is not None else p.request_end_us, outcome, err
+                )
         flow.pending.clear()
 
     def _close(self, flow: Flow, key: tuple[str, str, int, str, int], ts: int, reason: str) -> None:

@@ -22,7 +22,9 @@ class Stats:
         self.anomalies[kind] += 1
         if kind not in self._logged:
             self._logged.add(kind)
-            log.warning("first %s%s (further ones are only counted)", kind, f": {detail}" if detail else "")
+            log.warning(
+                "first %s%s (further ones are only counted)", kind, f": {detail}" if detail else ""
+            )
 
     def as_dict(self) -> dict[str, object]:
         return {
