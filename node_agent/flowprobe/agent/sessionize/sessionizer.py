@@ -434,6 +434,13 @@ class Sessionizer:
             return
         flow.closed_us = ts
         self._flush_pending(flow, Outcome.RESET if reason == "reset" else Outcome.NO_RESPONSE, ts)
+        if not flow.protocols and (flow.counters[BYTES_A] or flow.counters[BYTES_B]):
+            proto = self.config.server_ports.get(flow.b_port) or self.config.server_ports.get(
+                flow.a_port
+            )
+            if proto is not None:
+                # Payload on a protocol's port that never parsed as that protocol.
+                self.stats.anomaly(f"undecoded_payload.{proto}")
         client_side = flow.client_side if flow.client_side is not None else 0
         server_hs, client_hs = flow.handshake()
         conn = Connection(
