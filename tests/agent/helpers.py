@@ -9,6 +9,7 @@ from flowprobe.agent.capture.tshark import Tools, read_file
 from flowprobe.agent.config import AgentConfig
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.stats import Stats
+from flowprobe.devenv.pcapgen import ACK, FIN, SYN, Conn, write_frames
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -35,3 +36,29 @@ def read_pcap(path: str | Path, **config: Any) -> list[dict[str, Any]]:
     records, _stats, error = run_pcap(path, **config)
     assert error is None, error
     return records
+
+
+# Synthetic pcaps: frames built with flowprobe.devenv.pcapgen, 1 ms apart.
+
+
+def write(path: Path, frames: list[bytes]) -> Path:
+    with path.open("wb") as f:
+        write_frames(f, ((1_700_000_000_000_000 + i * 1000, fr) for i, fr in enumerate(frames)))
+    return path
+
+
+def conn(n: int = 1, port: int = 8080) -> Conn:
+    return Conn(cip=bytes([10, 9, 0, n]), sip=bytes([10, 9, 1, 1]), cport=40000 + n, sport=port)
+
+
+def handshake(c: Conn) -> list[bytes]:
+    return [c.segment(True, SYN), c.segment(False, SYN | ACK), c.segment(True, ACK)]
+
+
+def close(c: Conn) -> list[bytes]:
+    return [c.segment(True, FIN | ACK), c.segment(False, FIN | ACK), c.segment(True, ACK)]
+
+
+# A minimal HTTP exchange for synthetic pcaps.
+REQ = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

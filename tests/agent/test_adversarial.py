@@ -3,43 +3,14 @@
 from __future__ import annotations
 
 import random
-import struct
 from pathlib import Path
 
 import pytest
 
-from flowprobe.devenv.pcapgen import ACK, FIN, PSH, SYN, Conn
-from tests.agent.helpers import run_pcap
+from flowprobe.devenv.pcapgen import ACK, PSH, SYN
+from tests.agent.helpers import REQ, RESP, close, conn, handshake, run_pcap, write
 
 pytestmark = pytest.mark.capture
-
-
-def write(path: Path, frames: list[bytes]) -> Path:
-    with path.open("wb") as f:
-        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
-        for i, frame in enumerate(frames):
-            ts = 1_700_000_000_000_000 + i * 1000
-            f.write(
-                struct.pack("<IIII", ts // 1_000_000, ts % 1_000_000, len(frame), len(frame))
-                + frame
-            )
-    return path
-
-
-def conn(n: int = 1, port: int = 8080) -> Conn:
-    return Conn(cip=bytes([10, 9, 0, n]), sip=bytes([10, 9, 1, 1]), cport=40000 + n, sport=port)
-
-
-def handshake(c: Conn) -> list[bytes]:
-    return [c.segment(True, SYN), c.segment(False, SYN | ACK), c.segment(True, ACK)]
-
-
-def close(c: Conn) -> list[bytes]:
-    return [c.segment(True, FIN | ACK), c.segment(False, FIN | ACK), c.segment(True, ACK)]
-
-
-REQ = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
-RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 @pytest.mark.parametrize("port", [8080, 6379, 5432, 3306, 53, 50051])

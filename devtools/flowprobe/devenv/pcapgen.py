@@ -5,7 +5,7 @@ FINs, written with the standard library so any size can be made in seconds."""
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -131,12 +131,17 @@ def packets(counts: dict[str, int], per_conn: int = 50) -> Iterator[tuple[int, b
             yield ts, c.segment(True, ACK)
 
 
-def write_pcap(out: BinaryIO, counts: dict[str, int]) -> int:
+def write_frames(out: BinaryIO, frames: Iterable[tuple[int, bytes]]) -> int:
+    """A classic pcap (Ethernet, µs timestamps) of (timestamp µs, frame) pairs."""
     out.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
     n = 0
-    for ts, frame in packets(counts):
+    for ts, frame in frames:
         out.write(
             struct.pack("<IIII", ts // 1_000_000, ts % 1_000_000, len(frame), len(frame)) + frame
         )
         n += 1
     return n
+
+
+def write_pcap(out: BinaryIO, counts: dict[str, int]) -> int:
+    return write_frames(out, packets(counts))

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.http1 import FIELDS, Http1Parser
-from tests.agent.helpers import DATA, read_pcap
+from flowprobe.devenv.pcapgen import ACK, PSH
+from tests.agent.helpers import DATA, REQ, RESP, close, conn, handshake, read_pcap, write
 
 HTTP = DATA / "http"
 
@@ -137,3 +139,17 @@ def test_interim_and_upgrade_responses() -> None:
 def test_garbage_status_code_raises_value_error_for_the_sessionizer_to_count() -> None:
     with pytest.raises(ValueError):
         _parser().parse(_cols(**{"http.response.code": "abc"}), False, {})
+
+
+@pytest.mark.capture
+def test_http_on_a_non_standard_port_is_found_by_tshark_heuristics(tmp_path: Path) -> None:
+    """No --port rule: tshark's HTTP-over-TCP heuristic recognises it."""
+    c = conn(1, port=9999)
+    frames = [
+        *handshake(c),
+        c.segment(True, PSH | ACK, REQ),
+        c.segment(False, PSH | ACK, RESP),
+        *close(c),
+    ]
+    records = read_pcap(write(tmp_path / "odd.pcap", frames))
+    assert [(r["server.port"], r["http.response.status_code"]) for r in records] == [(9999, 200)]
