@@ -15,7 +15,7 @@ OUT = Path(__file__).resolve().parent / "http"
 PORT = 8080
 
 
-CLIENT = r'''
+CLIENT = r"""
 import socket, sys, time
 ip, port, scenario = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 def conn():
@@ -69,7 +69,7 @@ elif scenario == "noresponse":
     s.sendall(b"GET /silent HTTP/1.1\r\nHost: api\r\n\r\n"); time.sleep(0.3)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()  # linger 0 -> RST
-'''
+"""
 
 
 def main() -> None:

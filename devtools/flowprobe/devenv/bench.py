@@ -34,8 +34,9 @@ def bench_pcap(http: int, redis: int, pg: int) -> tuple[Path, int]:
             write_pcap(f, {"http": http, "redis": redis, "postgresql": pg})
         tmp.rename(path)
     packets = int(
-        subprocess.run(["capinfos", "-c", "-M", "-T", "-r", str(path)], capture_output=True, text=True)
-        .stdout.split()[-1]
+        subprocess.run(
+            ["capinfos", "-c", "-M", "-T", "-r", str(path)], capture_output=True, text=True
+        ).stdout.split()[-1]
     )
     return path, packets
 
@@ -76,10 +77,14 @@ def main() -> None:
     tools = Tools.find()
     path, packets = bench_pcap(args.http, args.redis, args.pg)
     total = args.http + args.redis + args.pg
-    print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.python_implementation()} "
-          f"{platform.python_version()}, tshark {tools.version}")
-    print(f"pcap: {path.name}: {packets} packets, {total} exchanges ({args.http} HTTP, "
-          f"{args.redis} Redis, {args.pg} PostgreSQL)")
+    print(
+        f"machine: {platform.node()} {os.cpu_count()} cores, {platform.python_implementation()} "
+        f"{platform.python_version()}, tshark {tools.version}"
+    )
+    print(
+        f"pcap: {path.name}: {packets} packets, {total} exchanges ({args.http} HTTP, "
+        f"{args.redis} Redis, {args.pg} PostgreSQL)"
+    )
     pipeline = Pipeline(AgentConfig(), Sinks(), Stats())
     raw_t, agent_t, seen = [], [], 0
     for _ in range(args.runs):
@@ -89,9 +94,15 @@ def main() -> None:
     raw, agent = statistics.median(raw_t), statistics.median(agent_t)
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     rss_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
-    print(f"raw tshark (same dissection, -q):  {raw:7.2f} s  {total / raw:9.0f} exchanges/s  {packets / raw:9.0f} packets/s")
-    print(f"flowprobe-agent read:              {agent:7.2f} s  {total / agent:9.0f} exchanges/s  {packets / agent:9.0f} packets/s")
-    print(f"ratio agent / raw tshark:          {raw / agent:7.1%}   (exchanges reported: {seen} of {total})")
+    print(
+        f"raw tshark (same dissection, -q):  {raw:7.2f} s  {total / raw:9.0f} exchanges/s  {packets / raw:9.0f} packets/s"
+    )
+    print(
+        f"flowprobe-agent read:              {agent:7.2f} s  {total / agent:9.0f} exchanges/s  {packets / agent:9.0f} packets/s"
+    )
+    print(
+        f"ratio agent / raw tshark:          {raw / agent:7.1%}   (exchanges reported: {seen} of {total})"
+    )
     print(f"peak RSS: agent Python {rss_self} MB, largest tshark {rss_child} MB")
 
 

@@ -32,24 +32,56 @@ def main(argv: list[str] | None = None) -> int:
     ensure_root()
     out = Path(args.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="flowprobe-demo-") as tmp, Node(subnet="10.252.0.0/24") as node:
+    with (
+        tempfile.TemporaryDirectory(prefix="flowprobe-demo-") as tmp,
+        Node(subnet="10.252.0.0/24") as node,
+    ):
         work = Path(tmp)
         pods = {n: node.add_pod(n) for n in ("frontend", "api", "redis", "postgres", "dns")}
         print("pods:", ", ".join(f"{n}={p.ip}" for n, p in pods.items()), flush=True)
         start_redis(pods["redis"], work)
         start_postgres(pods["postgres"], work / "pg")
         start_dns(pods["dns"], {"api.demo.local": pods["api"].ip})
-        start_http(pods["api"], 8080, "flowprobe.devenv.demoapp", pods["redis"].ip, pods["postgres"].ip)
+        start_http(
+            pods["api"], 8080, "flowprobe.devenv.demoapp", pods["redis"].ip, pods["postgres"].ip
+        )
         agent = node.spawn_node(
-            [sys.executable, "-m", "flowprobe.agent", "capture", "--interface", "any",
-             "--filter", "inbound", "--summary", "--output", str(out), "--connections"],
+            [
+                sys.executable,
+                "-m",
+                "flowprobe.agent",
+                "capture",
+                "--interface",
+                "any",
+                "--filter",
+                "inbound",
+                "--summary",
+                "--output",
+                str(out),
+                "--connections",
+            ],
         )
         time.sleep(2.0)  # dumpcap opens the interface
-        print(f"load: {args.requests} HTTP requests at ~{args.rate:.0f}/s plus DNS lookups", flush=True)
+        print(
+            f"load: {args.requests} HTTP requests at ~{args.rate:.0f}/s plus DNS lookups",
+            flush=True,
+        )
         load = pods["frontend"].run(
-            [sys.executable, "-m", "flowprobe.devenv.loadgen", "--target", pods["api"].ip,
-             "--requests", str(args.requests), "--rate", str(args.rate),
-             "--dns-server", pods["dns"].ip, "--dns", "100"],
+            [
+                sys.executable,
+                "-m",
+                "flowprobe.devenv.loadgen",
+                "--target",
+                pods["api"].ip,
+                "--requests",
+                str(args.requests),
+                "--rate",
+                str(args.rate),
+                "--dns-server",
+                pods["dns"].ip,
+                "--dns",
+                "100",
+            ],
         )
         time.sleep(1.5)
         os.killpg(agent.pid, signal.SIGINT)

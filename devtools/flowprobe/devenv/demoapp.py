@@ -44,7 +44,9 @@ class Api(BaseHTTPRequestHandler):
             cached = r.get(f"order:{oid}")
             try:
                 table = "orders" if oid else "missing_table"
-                row = pg.execute(f"SELECT id, item, qty FROM {table} WHERE id = %s", (oid,)).fetchone()
+                row = pg.execute(
+                    f"SELECT id, item, qty FROM {table} WHERE id = %s", (oid,)
+                ).fetchone()
                 if cached is None:
                     r.set(f"order:{oid}", str(row), ex=60)
                 body = str(row).encode()

@@ -47,7 +47,9 @@ class Pod:
         """Run a command to completion inside the pod."""
         return subprocess.run(self.cmd(argv), text=True, capture_output=True, **kwargs)  # type: ignore[call-overload, no-any-return]
 
-    def spawn(self, argv: Sequence[str], log_path: str | None = None, **kwargs: object) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, argv: Sequence[str], log_path: str | None = None, **kwargs: object
+    ) -> subprocess.Popen[bytes]:
         """Start a long-running process inside the pod; it is killed on teardown."""
         out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         proc = subprocess.Popen(  # type: ignore[call-overload]
@@ -65,7 +67,9 @@ class Pod:
                 return
             for proc in self.processes:
                 if proc.poll() not in (None, 0):
-                    raise NetnsError(f"{self.name}: a server exited with {proc.returncode} before port {port} opened")
+                    raise NetnsError(
+                        f"{self.name}: a server exited with {proc.returncode} before port {port} opened"
+                    )
             time.sleep(0.05)
         raise NetnsError(f"{self.name}: nothing listens on port {port} after {timeout}s")
 
@@ -84,7 +88,9 @@ class Node:
 
     def __enter__(self) -> Node:
         if os.geteuid() != 0:
-            raise NetnsError("network namespaces need root (run as root or with CAP_SYS_ADMIN and CAP_NET_ADMIN)")
+            raise NetnsError(
+                "network namespaces need root (run as root or with CAP_SYS_ADMIN and CAP_NET_ADMIN)"
+            )
         try:
             _ip("netns", "add", self.netns)
             self._created.append(self.netns)
@@ -99,12 +105,17 @@ class Node:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
     def exec_node(self, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(["ip", "netns", "exec", self.netns, *argv], check=True, capture_output=True, text=True)
+        return subprocess.run(
+            ["ip", "netns", "exec", self.netns, *argv], check=True, capture_output=True, text=True
+        )
 
     def node_cmd(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.netns, *argv]
@@ -123,7 +134,20 @@ class Node:
         addr = ip or str(next(self._hosts))
         _ip("netns", "add", netns)
         self._created.append(netns)
-        _ip("link", "add", host_veth, "netns", self.netns, "type", "veth", "peer", "name", pod_veth, "netns", netns)
+        _ip(
+            "link",
+            "add",
+            host_veth,
+            "netns",
+            self.netns,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            pod_veth,
+            "netns",
+            netns,
+        )
         pod = Pod(name, netns, addr, host_veth)
         for argv in (
             ["ip", "link", "set", "lo", "up"],
@@ -164,7 +188,9 @@ class Node:
                 proc.wait()
         for netns in reversed(self._created):
             # Stragglers (daemons that forked away from our process group).
-            pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+            pids = subprocess.run(
+                ["ip", "netns", "pids", netns], capture_output=True, text=True
+            ).stdout.split()
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
@@ -183,7 +209,10 @@ def capture_to_file(node: Node, path: str, bpf: str = "inbound") -> Iterator[Non
     """
     argv = ["dumpcap", "-i", "any", "-f", bpf, "-w", path]
     proc = subprocess.Popen(
-        node.node_cmd(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        node.node_cmd(argv),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     assert proc.stderr is not None
     # dumpcap says "Capturing on ..." once every interface is open; before

@@ -14,7 +14,9 @@ from pathlib import Path
 from flowprobe.devenv.netns import NetnsError, Pod
 
 
-def start_http(pod: Pod, port: int = 8080, app: str = "flowprobe.devenv.httpapp", *args: str) -> None:
+def start_http(
+    pod: Pod, port: int = 8080, app: str = "flowprobe.devenv.httpapp", *args: str
+) -> None:
     pod.spawn([sys.executable, "-m", app, pod.ip, str(port), *args])
     pod.wait_port(port)
 
@@ -22,8 +24,21 @@ def start_http(pod: Pod, port: int = 8080, app: str = "flowprobe.devenv.httpapp"
 def start_redis(pod: Pod, workdir: Path, port: int = 6379) -> None:
     exe = shutil.which("redis-server") or "/usr/bin/redis-server"
     pod.spawn(
-        [exe, "--bind", pod.ip, "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(workdir), "--protected-mode", "no"],
+        [
+            exe,
+            "--bind",
+            pod.ip,
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--protected-mode",
+            "no",
+        ],
         log_path=str(workdir / "redis.log"),
     )
     pod.wait_port(port)
@@ -47,22 +62,50 @@ def start_postgres(pod: Pod, workdir: Path, port: int = 5432) -> None:
         parent.chmod(parent.stat().st_mode | 0o011)
     shutil.chown(workdir, "postgres", "postgres")
     subprocess.run(
-        ["runuser", "-u", "postgres", "--", _pg_bin("initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            _pg_bin("initdb"),
+            "-D",
+            str(data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+        ],
         check=True,
         capture_output=True,
     )
     with open(data / "pg_hba.conf", "a") as f:
         f.write("host all all 0.0.0.0/0 trust\n")
     pod.spawn(
-        ["runuser", "-u", "postgres", "--", _pg_bin("postgres"), "-D", str(data),
-         "-c", f"listen_addresses={pod.ip}", "-c", f"port={port}",
-         "-c", f"unix_socket_directories={workdir}", "-c", "ssl=off", "-c", "fsync=off"],
+        [
+            "runuser",
+            "-u",
+            "postgres",
+            "--",
+            _pg_bin("postgres"),
+            "-D",
+            str(data),
+            "-c",
+            f"listen_addresses={pod.ip}",
+            "-c",
+            f"port={port}",
+            "-c",
+            f"unix_socket_directories={workdir}",
+            "-c",
+            "ssl=off",
+            "-c",
+            "fsync=off",
+        ],
         log_path=str(workdir / "postgres.log"),
     )
     pod.wait_port(port, timeout=60)
 
 
-DNS_SERVER = r'''
+DNS_SERVER = r"""
 import socket, sys, threading, struct
 import dns.message, dns.rcode, dns.rrset
 ip, zone = sys.argv[1], dict(a.split("=") for a in sys.argv[2:])
@@ -85,7 +128,7 @@ threading.Thread(target=tcp, daemon=True).start()
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.bind((ip, 53))
 while True:
     data, peer = u.recvfrom(4096); u.sendto(answer(data), peer)
-'''
+"""
 
 
 def start_dns(pod: Pod, zone: dict[str, str]) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import BinaryIO
 
 from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools, read_file
@@ -50,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--protocols", default=",".join(ALL_PROTOCOLS), help="comma-separated protocols to parse"
+    )
+    common.add_argument(
+        "--stats", metavar="FILE", help="write the agent's counters as JSON here at exit"
     )
     common.add_argument("--verbose", "-v", action="store_true")
     rd = sub.add_parser("read", parents=[common], help="read pcap/pcapng files (gzip too)")
@@ -169,6 +174,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             out_file.close()
         if stats.anomalies:
             log.info("anomalies: %s", dict(stats.anomalies))
+        if args.stats:
+            Path(args.stats).write_text(json.dumps(stats.as_dict(), indent=1) + "\n")
     return code
 
 
@@ -222,6 +229,9 @@ def _capture(
             table.stop()
         live.stop()
         signal.signal(signal.SIGINT, previous)
+    counts = live.capture_counts()
+    if counts is not None:
+        stats.capture_received, stats.capture_dropped = counts
     err = live.dumpcap_error() or live.rows.error
     if err and not stop.is_set():
         print(f"flowprobe-agent: {err}", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,7 +119,8 @@ def dumpcap_args(
 ) -> list[str]:
     if tools.dumpcap is None:
         raise CaptureError("dumpcap not found: install it (Debian/Ubuntu: apt-get install tshark)")
-    args = [tools.dumpcap, "-q", "-s", str(snaplen)]
+    # Not -q: dumpcap's closing lines carry the received/dropped counts.
+    args = [tools.dumpcap, "-s", str(snaplen)]
     if bpf:
         # A filter before the first -i applies to every interface.
         args += ["-f", bpf]
@@ -230,6 +232,18 @@ class LiveCapture:
         if self.dumpcap.poll() not in (None, 0):
             self.rows.error = explain_dumpcap_error(self._dumpcap_err.join()) or self.rows.error
 
+    def capture_counts(self) -> tuple[int, int] | None:
+        """(received, dropped) from dumpcap's closing report, once it has exited."""
+        if self.dumpcap.poll() is None:
+            return None
+        received = dropped = 0
+        found = False
+        for m in _DROPS.finditer(self._dumpcap_err.join()):
+            received += int(m.group(1))
+            dropped += int(m.group(2))
+            found = True
+        return (received, dropped) if found else None
+
     def dumpcap_error(self) -> str | None:
         if self.dumpcap.poll() not in (None, 0):
             return explain_dumpcap_error(self._dumpcap_err.join())
@@ -251,6 +265,9 @@ class LiveCapture:
             self.rows.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.rows.stop()
+
+
+_DROPS = re.compile(r"received/dropped on interface '[^']*': (\d+)/(\d+)")
 
 
 def explain_dumpcap_error(stderr: str) -> str:

@@ -14,6 +14,9 @@ class Stats:
     packets: int = 0
     exchanges: int = 0
     connections: int = 0
+    # dumpcap's own counts at the end of a live capture.
+    capture_received: int = 0
+    capture_dropped: int = 0
     anomalies: Counter[str] = field(default_factory=Counter)
     _logged: set[str] = field(default_factory=set)
 
@@ -31,5 +34,7 @@ class Stats:
             "packets": self.packets,
             "exchanges": self.exchanges,
             "connections": self.connections,
+            "capture_received": self.capture_received,
+            "capture_dropped": self.capture_dropped,
             "anomalies": dict(sorted(self.anomalies.items())),
         }

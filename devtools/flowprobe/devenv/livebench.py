@@ -1,0 +1,233 @@
+"""Live half of ``make bench``: nginx and h2load in namespace pods, the agent capturing.
+
+For each rate, h2load sends HTTP/1.1 requests at that rate for ``--seconds``
+and the agent captures on the node side; loss is 1 - reported / succeeded.
+The agent's CPU is read from /proc for its Python, tshark and dumpcap
+processes. ``--soak`` runs one rate for a long time and samples the agent's
+total RSS and disk use every 10 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from flowprobe.devenv.netns import Node, Pod
+
+NGINX_CONF = """
+worker_processes 1;
+daemon off;
+pid {work}/nginx.pid;
+error_log {work}/nginx.err;
+events {{ worker_connections 1024; }}
+http {{
+  access_log off;
+  keepalive_requests 100000000;
+  client_body_temp_path {work};
+  proxy_temp_path {work};
+  fastcgi_temp_path {work};
+  uwsgi_temp_path {work};
+  scgi_temp_path {work};
+  server {{
+    listen {ip}:8080;
+    location / {{ return 200 "ok\\n"; }}
+  }}
+}}
+"""
+
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants (the agent, tshark, dumpcap)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / TICKS
+
+
+def rss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def run_rate(
+    node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path
+) -> dict[str, float]:
+    stats_file = work / f"stats-{rate}.json"
+    agent = node.spawn_node(
+        [
+            sys.executable,
+            "-m",
+            "flowprobe.agent",
+            "capture",
+            "-i",
+            "any",
+            "-f",
+            "inbound and tcp port 8080",
+            "--output",
+            "/dev/null",
+            "--stats",
+            str(stats_file),
+        ],
+    )
+    time.sleep(2.5)
+    pids = tree_pids(agent.pid)
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    conns = 8 if rate >= 800 else 1
+    r = client.run(
+        [
+            "h2load",
+            "--h1",
+            "-c",
+            str(conns),
+            "-t",
+            "1",
+            "--rps",
+            str(rate / conns),
+            "-D",
+            str(seconds),
+            f"http://{server.ip}:8080/",
+        ],
+    )
+    cpu1, t1 = cpu_seconds(tree_pids(agent.pid)), time.monotonic()
+    time.sleep(2.0)  # let the pipeline drain before stopping
+    os.killpg(agent.pid, signal.SIGINT)
+    agent.wait(timeout=120)
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", r.stdout)
+    if not m:
+        raise SystemExit(f"h2load failed: {r.stdout[-500:]} {r.stderr[-500:]}")
+    sent = int(m.group(1))
+    stats = json.loads(stats_file.read_text())
+    seen = stats["exchanges"]
+    return {
+        "rate": rate,
+        "sent": sent,
+        "reported": seen,
+        "loss": 1 - seen / sent if sent else 0.0,
+        "achieved_rps": sent / seconds,
+        "agent_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "capture_dropped": stats["capture_dropped"],
+    }
+
+
+def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path) -> None:
+    agent = node.spawn_node(
+        [
+            sys.executable,
+            "-m",
+            "flowprobe.agent",
+            "capture",
+            "-i",
+            "any",
+            "-f",
+            "inbound and tcp port 8080",
+            "--output",
+            "/dev/null",
+        ],
+    )
+    time.sleep(2.5)
+    load = subprocess.Popen(
+        client.cmd(
+            [
+                "h2load",
+                "--h1",
+                "-c",
+                "8",
+                "-t",
+                "1",
+                "--rps",
+                str(rate / 8),
+                "-D",
+                str(seconds),
+                f"http://{server.ip}:8080/",
+            ]
+        ),
+        stdout=subprocess.DEVNULL,
+    )
+    tmp = Path(tempfile.gettempdir())
+    print(f"{'t s':>5} {'RSS MB':>8} {'/tmp MB':>8}")
+    start = time.monotonic()
+    while load.poll() is None:
+        used = sum(f.stat().st_size for f in tmp.glob("wireshark_*") if f.is_file()) / 1e6
+        print(
+            f"{time.monotonic() - start:5.0f} {rss_mb(tree_pids(agent.pid)):8.1f} {used:8.1f}",
+            flush=True,
+        )
+        time.sleep(10)
+    os.killpg(agent.pid, signal.SIGINT)
+    agent.wait(timeout=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rates", default="1000,5000,10000,15000,20000,25000")
+    ap.add_argument("--seconds", type=int, default=60)
+    ap.add_argument("--soak", type=int, default=0, metavar="SECONDS", help="run a soak instead")
+    ap.add_argument("--soak-rate", type=int, default=10000)
+    args = ap.parse_args()
+    if not shutil.which("nginx") and not Path("/usr/sbin/nginx").exists():
+        raise SystemExit("nginx missing: apt-get install nginx-light nghttp2-client")
+    with (
+        tempfile.TemporaryDirectory(prefix="flowprobe-live-") as tmp,
+        Node(subnet="10.254.0.0/24") as node,
+    ):
+        work = Path(tmp)
+        client, server = node.add_pod("load"), node.add_pod("nginx")
+        (work / "nginx.conf").write_text(NGINX_CONF.format(work=work, ip=server.ip))
+        server.spawn(["/usr/sbin/nginx", "-c", str(work / "nginx.conf")])
+        server.wait_port(8080)
+        if args.soak:
+            soak(node, client, server, args.soak_rate, args.soak, work)
+            return
+        print(
+            f"{'target/s':>9} {'achieved/s':>10} {'sent':>9} {'reported':>9} {'loss':>8} {'agent CPU%':>10} {'dumpcap drops':>13}"
+        )
+        for rate in (int(x) for x in args.rates.split(",")):
+            res = run_rate(node, client, server, rate, args.seconds, work)
+            print(
+                f"{rate:>9} {res['achieved_rps']:>10.0f} {res['sent']:>9.0f} {res['reported']:>9.0f} "
+                f"{res['loss']:>8.3%} {res['agent_cpu_pct']:>10.1f} {res['capture_dropped']:>13.0f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
