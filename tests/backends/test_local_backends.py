@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -95,11 +96,11 @@ def test_span_reaches_jaeger(
     assert service_name in local_backends.jaeger_services()
 
     # The test-only file exporter saw the same span.
-    assert any(
-        trace_id in str(rec) or trace_id.upper() in str(rec)
-        for rec in local_backends.otlp_file_records()
-        if "resourceSpans" in rec
-    )
+    def in_file() -> bool:
+        records = local_backends.otlp_file_records()
+        return any(trace_id in json.dumps(r) for r in records if "resourceSpans" in r)
+
+    assert poll(in_file, timeout=10.0)
 
 
 def test_counter_reaches_prometheus(

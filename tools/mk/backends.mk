@@ -29,4 +29,4 @@ backends-tools:
 
 backends: backends-tools
 	PYTHONPATH="$(BACKENDS_REPO)/devtools$${PYTHONPATH:+:$$PYTHONPATH}" \
-	  $(PYTHON) -m flowprobe.devenv.backends $(BACKENDS_ARGS)
+	  exec $(PYTHON) -m flowprobe.devenv.backends $(BACKENDS_ARGS)

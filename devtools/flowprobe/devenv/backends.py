@@ -355,7 +355,8 @@ class LocalBackends:
     ``ports=None`` picks free ports (tests); pass ``Ports()`` for the
     documented defaults. ``work_dir=None`` uses a temporary directory that is
     removed on exit; a given directory is kept (configs, logs, the OTLP file,
-    Prometheus data).
+    Prometheus data). ``otlp_file=False`` drops the test-only file exporter,
+    whose file grows without bound under sustained load.
     """
 
     def __init__(
@@ -367,8 +368,10 @@ class LocalBackends:
         startup_timeout: float = 60.0,
         build: bool = True,
         config_dir: Path | None = None,
+        otlp_file: bool = True,
     ) -> None:
         self.ports = ports or Ports.free()
+        self._otlp_file_enabled = otlp_file
         self.scrape_interval = scrape_interval
         self.startup_timeout = startup_timeout
         self._build = build
@@ -408,6 +411,10 @@ class LocalBackends:
     @property
     def collector_health_url(self) -> str:
         return f"http://{LOOPBACK}:{self.ports.collector_health}/"
+
+    @property
+    def otlp_file_enabled(self) -> bool:
+        return self._otlp_file_enabled
 
     @property
     def otlp_file(self) -> Path:
@@ -503,22 +510,23 @@ class LocalBackends:
         end: datetime,
         *,
         operation: str | None = None,
-        num_traces: int | None = None,
+        num_traces: int = 100,
     ) -> list[dict[str, Any]]:
         """OTLP JSON ``resourceSpans`` of traces of ``service`` that started in [start, end].
 
         An empty list when Jaeger has none (its API answers 404 then).
-        Use :func:`spans_of` to flatten.
+        Use :func:`spans_of` to flatten. ``num_traces`` is required in effect:
+        without it the memory store rejects the search ("search depth must be
+        greater than 0"); it must stay below the store's max_traces.
         """
         params = {
             "query.service_name": service,
             "query.start_time_min": _rfc3339(start),
             "query.start_time_max": _rfc3339(end),
+            "query.num_traces": str(num_traces),
         }
         if operation is not None:
             params["query.operation_name"] = operation
-        if num_traces is not None:
-            params["query.num_traces"] = str(num_traces)
         status, body = _get(f"{self.jaeger_query_url}/api/v3/traces", params)
         if status == 404:
             return []
@@ -568,11 +576,14 @@ class LocalBackends:
 
         shutil.copyfile(config_dir / "jaeger.yaml", wd / "jaeger.yaml")
         shutil.copyfile(config_dir / "collector.yaml", wd / "collector.yaml")
-        (wd / "collector-tests.yaml").write_text(_collector_test_overlay(self.otlp_file))
+        collector_configs = [f"--config={wd / 'collector.yaml'}"]
+        if self._otlp_file_enabled:
+            (wd / "collector-tests.yaml").write_text(_collector_test_overlay(self.otlp_file))
+            collector_configs.append(f"--config={wd / 'collector-tests.yaml'}")
+            self.otlp_file.touch()
         (wd / "prometheus.yml").write_text(
             _render_prometheus((config_dir / "prometheus.yml").read_text(), p, self.scrape_interval)
         )
-        self.otlp_file.touch()
 
         base_env = dict(os.environ)
         jaeger_env = base_env | {
@@ -596,11 +607,7 @@ class LocalBackends:
             ),
             "collector": _Process(
                 "collector",
-                [
-                    str(otelcol),
-                    f"--config={wd / 'collector.yaml'}",
-                    f"--config={wd / 'collector-tests.yaml'}",
-                ],
+                [str(otelcol), *collector_configs],
                 collector_env,
                 wd,
             ),
@@ -660,6 +667,7 @@ class LocalBackends:
 
 def _banner(b: LocalBackends) -> str:
     p = b.ports
+    otlp_file = f"\n  OTLP JSON lines            {b.otlp_file}" if b.otlp_file_enabled else ""
     return f"""\
 flowprobe local backends are running (Ctrl-C to stop)
 
@@ -673,7 +681,7 @@ http://{LOOPBACK}:{p.collector_metrics}/metrics (collector's own)
   Jaeger OTLP gRPC in        http://{LOOPBACK}:{p.jaeger_otlp_grpc} (collector -> Jaeger traces)
   agent /metrics scraped at  http://{LOOPBACK}:{p.agent_metrics}/metrics
 
-  configs, logs, OTLP JSON file: {b.work_dir}
+  configs and logs           {b.work_dir}{otlp_file}
 """
 
 
@@ -700,6 +708,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-build", action="store_true", help="fail instead of building missing binaries"
     )
+    parser.add_argument(
+        "--otlp-file",
+        action="store_true",
+        help="also write everything the collector receives to <work dir>/otlp.jsonl",
+    )
     args = parser.parse_args(argv)
 
     ports = Ports.free() if args.random_ports else Ports()
@@ -713,7 +726,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # orderly path as Ctrl-C.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     backends = LocalBackends(
-        args.work_dir, ports=ports, scrape_interval=args.scrape_interval, build=not args.no_build
+        args.work_dir,
+        ports=ports,
+        scrape_interval=args.scrape_interval,
+        build=not args.no_build,
+        otlp_file=args.otlp_file,
     )
     try:
         with backends:
