@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export FLOWPROBE_CACHE ?= $(HOME)/.cache/flowprobe
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv lint typecheck test test-fast demo bench clean
+.PHONY: help deps venv tools lint typecheck test test-fast demo bench bench-live clean
 
 help:
 	@echo "make demo       capture real traffic between namespace 'pods' and print the summary"
@@ -32,7 +32,11 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-test: deps lint typecheck
+# Components built from Go modules, cached by version under $(FLOWPROBE_CACHE):
+# a no-op when the cache is warm, the cold path when it is not.
+tools: backends-tools
+
+test: deps lint typecheck tools
 	$(PY) -c "import operator, collections; operator.itemgetter"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -44,6 +48,10 @@ demo: deps
 
 bench: deps
 	$(PY) -m flowprobe.devenv.bench
+	$(PY) -m flowprobe.devenv.livebench
+
+bench-live: deps
+	$(PY) -m flowprobe.devenv.livebench
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -15,6 +15,9 @@ declare -A NEED=(
   [nft]=nftables
   [prometheus]=prometheus
   [openssl]=openssl
+  [capinfos]=tshark
+  [nginx]=nginx-light
+  [h2load]=nghttp2-client
 )
 missing=()
 for bin in "${!NEED[@]}"; do
