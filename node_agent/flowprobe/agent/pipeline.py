@@ -46,11 +46,13 @@ class Pipeline:
         server_ports: dict[int, str] = {}
         decode_as: list[tuple[str, str]] = []
         for p in self.parsers:
-            for port in p.default_ports:
-                server_ports.setdefault(port, p.name)
-            for port in config.ports.get(p.name, ()):
+            # Decode-as for the defaults too: tshark registers no port for some
+            # protocols (h2c has none; gRPC's 50051 is only a convention).
+            for port in (*p.default_ports, *config.ports.get(p.name, ())):
                 server_ports[port] = p.name
-                decode_as.append((f"{p.transport}.port=={port}", p.tshark_name))
+                rule = (f"{p.transport}.port=={port}", p.tshark_name)
+                if rule not in decode_as:
+                    decode_as.append(rule)
         self.tshark_options = TsharkOptions(
             layout=self.layout,
             decode_as=decode_as,

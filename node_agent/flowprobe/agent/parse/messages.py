@@ -28,6 +28,10 @@ class L7Message:
     # HTTP 101 and similar: after this response the connection no longer
     # carries the protocol, so nothing more is parsed on it.
     upgrade: bool = False
+    # A complete message that belongs to no exchange (authentication steps,
+    # a command the server never answers): it only marks that its side has
+    # finished sending, so the next message's start is taken after it.
+    control: bool = False
 
 
 class ParseError(Exception):

@@ -4,10 +4,26 @@ from __future__ import annotations
 
 from flowprobe.agent.config import AgentConfig
 from flowprobe.agent.parse.base import Parser
+from flowprobe.agent.parse.dns import DnsParser
 from flowprobe.agent.parse.http1 import Http1Parser
+from flowprobe.agent.parse.http2 import Http2Parser
+from flowprobe.agent.parse.mysql import MysqlParser
+from flowprobe.agent.parse.postgres import PostgresParser
+from flowprobe.agent.parse.redis import RedisParser
 
 
 def build_parsers(config: AgentConfig) -> list[Parser]:
-    parsers: list[Parser] = [Http1Parser(keep_user_agent=config.payload.user_agent)]
+    raw = config.payload.raw_query_text
+    parsers: list[Parser] = [
+        Http1Parser(keep_user_agent=config.payload.user_agent),
+        Http2Parser(keep_user_agent=config.payload.user_agent),
+        RedisParser(raw_query_text=raw),
+        PostgresParser(raw_query_text=raw),
+        MysqlParser(raw_query_text=raw),
+        # One DNS parser per transport: Parser.transport drives decode-as, and
+        # DNS on a custom port needs it for UDP and for TCP.
+        DnsParser("udp"),
+        DnsParser("tcp"),
+    ]
     enabled = set(config.protocols)
     return [p for p in parsers if p.name in enabled]

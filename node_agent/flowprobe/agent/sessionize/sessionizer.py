@@ -321,12 +321,15 @@ class Sessionizer:
         flow.msg_start[side] = None
         flow.msg_snap[side] = None
         # The message's own segments; messages sharing a segment share them.
-        n = len(messages)
+        n = sum(1 for m in messages if not m.control) or 1
         size = (
             (flow.counters[BYTES_A + side] - snap[BYTES_A + side]) // n,
             (flow.counters[DPKT_A + side] - snap[DPKT_A + side]) // n or 1,
         )
         for msg in messages:
+            if msg.control:
+                start = ts
+                continue
             if msg.is_request:
                 self._request(flow, side, msg, start, ts, snap, size)
             else:
