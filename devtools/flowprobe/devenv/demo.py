@@ -18,19 +18,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from flowprobe.devenv.netns import Node
 from flowprobe.devenv.servers import ensure_root, start_dns, start_http, start_postgres, start_redis
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="flowprobe-demo", description=__doc__)
-    ap.add_argument("--requests", type=int, default=3000)
-    ap.add_argument("--rate", type=float, default=300.0)
-    ap.add_argument("--output", default="out/demo-exchanges.jsonl")
-    args = ap.parse_args(argv)
+def run_demo(
+    requests: int, rate: float, out: Path, dns_lookups: int = 100
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run the whole demo; return what the load generator sent and every record written."""
     ensure_root()
-    out = Path(args.output).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix="flowprobe-demo-") as tmp,
@@ -63,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         time.sleep(2.0)  # dumpcap opens the interface
         print(
-            f"load: {args.requests} HTTP requests at ~{args.rate:.0f}/s plus DNS lookups",
+            f"load: {requests} HTTP requests at ~{rate:.0f}/s plus {dns_lookups} DNS lookups",
             flush=True,
         )
         load = pods["frontend"].run(
@@ -74,30 +72,40 @@ def main(argv: list[str] | None = None) -> int:
                 "--target",
                 pods["api"].ip,
                 "--requests",
-                str(args.requests),
+                str(requests),
                 "--rate",
-                str(args.rate),
+                str(rate),
                 "--dns-server",
                 pods["dns"].ip,
                 "--dns",
-                "100",
+                str(dns_lookups),
             ],
         )
         time.sleep(1.5)
         os.killpg(agent.pid, signal.SIGINT)
         agent.wait(timeout=60)
         if load.returncode:
-            print(load.stderr, file=sys.stderr)
-            return 1
-        sent = json.loads(load.stdout)
+            raise RuntimeError(f"load generator failed: {load.stderr}")
+        sent: dict[str, Any] = json.loads(load.stdout)
         records = [json.loads(ln) for ln in out.read_text().splitlines()]
-        exchanges = [r for r in records if r["flowprobe.record"] == "exchange"]
-        by_proto: dict[str, int] = {}
-        for r in exchanges:
+    return sent, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="flowprobe-demo", description=__doc__)
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--rate", type=float, default=300.0)
+    ap.add_argument("--output", default="out/demo-exchanges.jsonl")
+    args = ap.parse_args(argv)
+    out = Path(args.output).resolve()
+    sent, records = run_demo(args.requests, args.rate, out)
+    by_proto: dict[str, int] = {}
+    for r in records:
+        if r["flowprobe.record"] == "exchange":
             by_proto[r["flowprobe.protocol"]] = by_proto.get(r["flowprobe.protocol"], 0) + 1
-        print(f"\nload generator sent: {sent}")
-        print(f"probe reported exchanges by protocol: {by_proto}")
-        print(f"records written to {out}")
+    print(f"\nload generator sent: {sent}")
+    print(f"probe reported exchanges by protocol: {by_proto}")
+    print(f"records written to {out}")
     return 0
 
 
@@ -109,4 +117,7 @@ if __name__ == "__main__":
         sys.exit(130)
     except subprocess.CalledProcessError as exc:
         print(f"demo failed: {exc}: {exc.stderr}", file=sys.stderr)
+        sys.exit(1)
+    except RuntimeError as exc:
+        print(f"demo failed: {exc}", file=sys.stderr)
         sys.exit(1)
