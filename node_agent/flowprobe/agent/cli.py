@@ -1,4 +1,4 @@
-"""``flowprobe-agent``: read pcaps or capture live, print exchanges or a summary."""
+"""``flowprobe-agent``: read pcaps or capture live; print exchanges or a summary, or export OTLP."""
 
 from __future__ import annotations
 
@@ -14,9 +14,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools, read_file
-from flowprobe.agent.config import ALL_PROTOCOLS, AgentConfig
+from flowprobe.agent.config import ALL_PROTOCOLS, AgentConfig, ExportConfig, OtlpConfig
+from flowprobe.agent.export import otlp
 from flowprobe.agent.export.jsonl import JsonLinesWriter
+from flowprobe.agent.export.naming import RouteTable
+from flowprobe.agent.export.selfmetrics import ExportCounters, SelfMetrics
 from flowprobe.agent.export.summary import Summary
+from flowprobe.agent.export.telemetry import Telemetry
+from flowprobe.agent.export.workloads import parse_service_name_rule
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.stats import Stats
 
@@ -31,6 +36,90 @@ def _port_rule(text: str) -> tuple[str, int]:
             f"expected PROTOCOL=PORT with PROTOCOL one of {', '.join(ALL_PROTOCOLS)}, got {text!r}"
         )
     return proto, int(port)
+
+
+def _service_name_rule(text: str) -> tuple[str, str]:
+    try:
+        return parse_service_name_rule(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _route(text: str) -> str:
+    try:
+        RouteTable([text])
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _header(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _add_export_options(common: argparse.ArgumentParser) -> None:
+    ex = common.add_argument_group(
+        "export",
+        "OpenTelemetry spans and metrics over OTLP. The standard OTEL_EXPORTER_OTLP_* "
+        "variables apply too; a flag wins over its variable. With OTLP on, JSON Lines "
+        "are written only with --output (use '-' for stdout).",
+    )
+    ex.add_argument(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="send spans and metrics here, e.g. http://127.0.0.1:4317 (gRPC) or "
+        "http://127.0.0.1:4318 (HTTP; /v1/traces and /v1/metrics are appended)",
+    )
+    ex.add_argument("--otlp-protocol", choices=otlp.PROTOCOLS, help="default grpc")
+    ex.add_argument(
+        "--otlp-header",
+        action="append",
+        type=_header,
+        default=[],
+        metavar="KEY=VALUE",
+        help="request header, e.g. authorization=Bearer... (repeatable)",
+    )
+    ex.add_argument("--otlp-insecure", action="store_true", default=None, help="gRPC without TLS")
+    ex.add_argument("--otlp-ca", metavar="PEM", help="CA certificate to verify the backend")
+    ex.add_argument("--otlp-client-cert", metavar="PEM", help="client certificate (mTLS)")
+    ex.add_argument("--otlp-client-key", metavar="PEM", help="client key (mTLS)")
+    ex.add_argument("--otlp-compression", choices=otlp.COMPRESSIONS)
+    ex.add_argument("--otlp-timeout", type=float, metavar="SECONDS", help="per request")
+    ex.add_argument(
+        "--console-spans",
+        action="store_true",
+        help="print the spans as OTLP-style JSON lines on stdout instead of sending them",
+    )
+    ex.add_argument(
+        "--service-name",
+        action="append",
+        type=_service_name_rule,
+        default=[],
+        metavar="ADDR[:PORT]=NAME",
+        help="service.name of the workload at ADDR:PORT (a server) or ADDR (repeatable); "
+        "others are named after their address",
+    )
+    ex.add_argument(
+        "--route",
+        action="append",
+        type=_route,
+        default=[],
+        metavar="PATTERN",
+        help="HTTP route template tried before the id heuristic, e.g. /users/{id}/cart "
+        "(repeatable)",
+    )
+    ex.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve the agent's own metrics on http://ADDRESS:PORT/metrics",
+    )
+    ex.add_argument(
+        "--metrics-address", default="0.0.0.0", help="address for --metrics-port (default all)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stats", metavar="FILE", help="write the agent's counters as JSON here at exit"
     )
     common.add_argument("--verbose", "-v", action="store_true")
+    _add_export_options(common)
     rd = sub.add_parser("read", parents=[common], help="read pcap/pcapng files (gzip too)")
     rd.add_argument("files", nargs="+")
     cap = sub.add_parser("capture", parents=[common], help="capture live until interrupted")
@@ -76,7 +166,27 @@ def _config(args: argparse.Namespace) -> AgentConfig:
     unknown = set(protocols) - set(ALL_PROTOCOLS)
     if unknown:
         raise SystemExit(f"flowprobe-agent: unknown protocol(s): {', '.join(sorted(unknown))}")
-    return AgentConfig(protocols=protocols, ports={k: tuple(v) for k, v in ports.items()})
+    export = ExportConfig(
+        otlp=OtlpConfig(
+            endpoint=args.otlp_endpoint,
+            protocol=args.otlp_protocol,
+            headers=dict(args.otlp_header),
+            insecure=args.otlp_insecure,
+            certificate=args.otlp_ca,
+            client_certificate=args.otlp_client_cert,
+            client_key=args.otlp_client_key,
+            compression=args.otlp_compression,
+            timeout_seconds=args.otlp_timeout,
+        ),
+        console_spans=args.console_spans,
+        service_names=dict(args.service_name),
+        routes=tuple(args.route),
+        metrics_port=args.metrics_port,
+        metrics_address=args.metrics_address,
+    )
+    return AgentConfig(
+        protocols=protocols, ports={k: tuple(v) for k, v in ports.items()}, export=export
+    )
 
 
 class _Progress:
@@ -140,24 +250,50 @@ def run(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="flowprobe-agent: %(levelname)s %(message)s",
     )
-    config = _config(args)
+    try:
+        config = _config(args)
+    except ValueError as exc:  # pydantic's ValidationError is one
+        print(f"flowprobe-agent: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not args.verbose:
+        otlp.quiet_sdk_export_logs()
     stats = Stats()
     sinks = Sinks()
-    summary = Summary()
+    summary = Summary(routes=RouteTable(config.export.routes))
+    try:
+        telemetry = _telemetry(config.export, stats, live=args.command == "capture")
+    except (otlp.OtlpConfigError, ValueError) as exc:
+        print(f"flowprobe-agent: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     out: BinaryIO
-    out_file = open(args.output, "wb") if args.output else None  # noqa: SIM115
+    to_stdout = args.output in (None, "-")
+    out_file = None if to_stdout else open(args.output, "wb")  # noqa: SIM115
     out = out_file if out_file is not None else sys.stdout.buffer
     writer = JsonLinesWriter(out, connections=args.connections)
     if args.summary:
         sinks.exchange.append(summary.add)
-    if not args.summary or out_file is not None:
+    # Records go to stdout unless something else already uses it (the
+    # summary) or they go elsewhere (OTLP): then only when asked for.
+    if args.output is not None or (not args.summary and telemetry is None):
         sinks.exchange.append(writer.exchange)
         sinks.connection.append(writer.connection)
+    self_metrics: SelfMetrics | None = None
+    if telemetry is not None:
+        sinks.exchange.append(telemetry.submit)
     pipeline = Pipeline(config, sinks, stats)
     try:
         tools = Tools.find()
     except CaptureError as exc:
         print(f"flowprobe-agent: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if telemetry is not None:
+            telemetry.start()
+        elif config.export.metrics_port is not None:
+            self_metrics = SelfMetrics(stats, ExportCounters())
+            self_metrics.serve(config.export.metrics_port, config.export.metrics_address)
+    except OSError as exc:
+        print(f"flowprobe-agent: --metrics-port: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     code = EXIT_OK
     try:
@@ -167,6 +303,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             code = _capture(args, tools, pipeline, stats, summary)
     finally:
         pipeline.finish()
+        if telemetry is not None:
+            telemetry.close()
+        if self_metrics is not None:
+            self_metrics.stop()
         writer.flush()
         if args.summary:
             summary.render(sys.stdout)
@@ -177,6 +317,21 @@ def run(argv: Sequence[str] | None = None) -> int:
         if args.stats:
             Path(args.stats).write_text(json.dumps(stats.as_dict(), indent=1) + "\n")
     return code
+
+
+def _telemetry(export: ExportConfig, stats: Stats, live: bool) -> Telemetry | None:
+    """The OTLP (or console) sink, or None when neither is configured."""
+    span_exporter, metric_exporter = otlp.exporters(export)
+    if span_exporter is None and metric_exporter is None:
+        return None
+    return Telemetry(
+        export,
+        stats,
+        span_exporter,
+        metric_exporter,
+        # Replaying a file, wall time says nothing about capture time.
+        wall_clock_release=live,
+    )
 
 
 def _read(files: Sequence[str], tools: Tools, pipeline: Pipeline, stats: Stats) -> int:
@@ -196,7 +351,11 @@ def _read(files: Sequence[str], tools: Tools, pipeline: Pipeline, stats: Stats) 
 
 
 def _capture(
-    args: argparse.Namespace, tools: Tools, pipeline: Pipeline, stats: Stats, summary: Summary
+    args: argparse.Namespace,
+    tools: Tools,
+    pipeline: Pipeline,
+    stats: Stats,
+    summary: Summary,
 ) -> int:
     try:
         live = LiveCapture(tools, args.interface, pipeline.tshark_options, bpf=args.filter)

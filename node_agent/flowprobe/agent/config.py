@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 ALL_PROTOCOLS = ("http", "http2", "dns", "redis", "postgresql", "mysql")
@@ -22,6 +24,57 @@ class PayloadConfig(_Model):
     raw_query_text: bool = False
 
 
+class OtlpConfig(_Model):
+    """Where OTLP goes. Unset fields fall back to the standard OTEL_EXPORTER_OTLP_*
+    variables (signal-specific first), then to the defaults; docs/export.md."""
+
+    # Base URL (http://host:4317 for gRPC, http://host:4318 for HTTP, which
+    # gets /v1/traces and /v1/metrics appended).
+    endpoint: str | None = None
+    protocol: Literal["grpc", "http/protobuf"] | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    # gRPC only: plaintext even without an http:// scheme.
+    insecure: bool | None = None
+    certificate: str | None = None  # CA bundle (PEM) to verify the backend
+    client_certificate: str | None = None  # mTLS
+    client_key: str | None = None
+    compression: Literal["gzip", "deflate", "none"] | None = None
+    timeout_seconds: float | None = Field(default=None, gt=0, le=300)
+
+
+class ExportConfig(_Model):
+    """Spans and metrics over OTLP; off unless an endpoint is configured."""
+
+    otlp: OtlpConfig = OtlpConfig()
+    traces: bool = True
+    metrics: bool = True
+    # Print spans (OTel's console exporter, JSON) instead of sending them.
+    console_spans: bool = False
+    # service.name per workload outside Kubernetes: "address:port" (a server)
+    # or "address" (either role) -> name. Unlisted ones are named after the
+    # address.
+    service_names: dict[str, str] = Field(default_factory=dict)
+    # Route templates tried before the identifier heuristic: "/users/{id}/orders",
+    # a final "*" matches the rest of the path.
+    routes: tuple[str, ...] = ()
+    agent_service_name: str = "flowprobe-agent"
+    # Exchanges waiting for the export thread; beyond this they are dropped
+    # (counted), never waited for: capture must not block.
+    queue_size: int = Field(default=8192, ge=16, le=1_000_000)
+    span_queue_size: int = Field(default=16384, ge=16, le=1_000_000)
+    batch_size: int = Field(default=512, ge=1, le=16384)
+    schedule_delay_seconds: float = Field(default=1.0, gt=0, le=60)
+    metric_interval_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # How long a possible downstream call waits for its parent request to end.
+    link_window_seconds: float = Field(default=2.0, ge=0, le=60)
+    max_held_exchanges: int = Field(default=20_000, ge=0, le=1_000_000)
+    max_workloads: int = Field(default=1000, ge=1, le=100_000)
+    self_metrics_otlp: bool = True
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_address: str = "0.0.0.0"
+    shutdown_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
+
+
 class AgentConfig(_Model):
     protocols: tuple[str, ...] = ALL_PROTOCOLS
     # Extra server ports per protocol, on top of each parser's defaults; tshark
@@ -30,3 +83,4 @@ class AgentConfig(_Model):
     payload: PayloadConfig = PayloadConfig()
     response_timeout_seconds: int = Field(default=30, ge=1, le=3600)
     session_reset_packets: int = Field(default=200_000, ge=10_000)
+    export: ExportConfig = ExportConfig()

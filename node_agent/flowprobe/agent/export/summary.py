@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from flowprobe.agent.export.naming import endpoint_name
+from flowprobe.agent.export.naming import RouteTable, endpoint_name
 from flowprobe.agent.sessionize.records import Exchange, Outcome
 
 _GROWTH = math.log(1.02)
@@ -60,12 +60,13 @@ class Summary:
     endpoints: dict[tuple[str, str, str], Row] = field(default_factory=dict)
     max_rows: int = 10_000
     overflow: int = 0
+    routes: RouteTable = field(default_factory=RouteTable)
 
     def add(self, ex: Exchange) -> None:
         ep = ex.endpoints
         server = f"{ep.server_address}:{ep.server_port}"
         self._row(self.edges, (ep.client_address, server, ex.protocol)).add(ex)
-        self._row(self.endpoints, (server, ex.protocol, endpoint_name(ex))).add(ex)
+        self._row(self.endpoints, (server, ex.protocol, endpoint_name(ex, self.routes))).add(ex)
 
     def _row(self, table: dict[tuple[str, str, str], Row], key: tuple[str, str, str]) -> Row:
         row = table.get(key)

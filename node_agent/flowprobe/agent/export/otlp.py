@@ -1,0 +1,306 @@
+"""OTLP exporters from configuration and the standard ``OTEL_EXPORTER_OTLP_*`` variables.
+
+Everything is resolved here, once, into explicit :class:`SignalSettings`, and
+the SDK exporters are built with explicit arguments: what the agent will do
+is then visible (and logged) in one place instead of split between our
+configuration and the SDK's own environment lookups.
+
+Precedence per setting: agent configuration (flags included) > the
+signal-specific variable (``OTEL_EXPORTER_OTLP_TRACES_*``) > the generic one
+(``OTEL_EXPORTER_OTLP_*``) > the default. OTLP is off unless an endpoint comes
+from one of them; ``OTEL_TRACES_EXPORTER=none`` / ``OTEL_METRICS_EXPORTER=none``
+turn one signal off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+import grpc
+from opentelemetry.sdk.metrics.export import MetricExporter
+from opentelemetry.sdk.trace.export import SpanExporter
+
+from flowprobe.agent.config import ExportConfig, OtlpConfig
+
+Signal = Literal["traces", "metrics"]
+Protocol = Literal["grpc", "http/protobuf"]
+PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http/protobuf")
+COMPRESSIONS = ("gzip", "deflate", "none")
+# The Python SDK's distro defaults to gRPC, and so do the agent's docs and
+# the collector's well-known port; the OTLP spec's default is http/protobuf.
+DEFAULT_PROTOCOL: Protocol = "grpc"
+DEFAULT_TIMEOUT_S = 10.0
+
+log = logging.getLogger("flowprobe.agent")
+
+
+class OtlpConfigError(ValueError):
+    """An OTLP setting (flag, configuration or variable) cannot be used."""
+
+
+@dataclass(frozen=True)
+class SignalSettings:
+    signal: Signal
+    protocol: Protocol
+    # Full URL for http/protobuf (…/v1/traces); for gRPC what was given.
+    endpoint: str
+    headers: dict[str, str] = field(default_factory=dict)
+    insecure: bool = False
+    certificate: str | None = None
+    client_certificate: str | None = None
+    client_key: str | None = None
+    compression: str = "none"
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+    def describe(self) -> str:
+        """One line for the log: never the header values (they hold credentials)."""
+        tls = "plaintext" if self.insecure or self.endpoint.startswith("http://") else "TLS"
+        headers = ",".join(sorted(self.headers)) or "-"
+        return (
+            f"{self.signal} -> {self.endpoint} ({self.protocol}, {tls}, compression "
+            f"{self.compression}, timeout {self.timeout_s:g}s, headers {headers})"
+        )
+
+
+def _env(env: Mapping[str, str], signal: Signal, name: str) -> str | None:
+    """The signal-specific variable if set (and not empty), else the generic one."""
+    for key in (f"OTEL_EXPORTER_OTLP_{signal.upper()}_{name}", f"OTEL_EXPORTER_OTLP_{name}"):
+        value = env.get(key, "").strip()
+        if value:
+            return value
+    return None
+
+
+def parse_headers(text: str) -> dict[str, str]:
+    """``k1=v1,k2=v2`` with URL-encoded values, as the OTLP exporter spec defines."""
+    out: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise OtlpConfigError(f"bad OTLP header {item.strip()!r}: expected key=value")
+        out[urllib.parse.unquote(key.strip()).lower()] = urllib.parse.unquote(value.strip())
+    return out
+
+
+def _bool(text: str, what: str) -> bool:
+    low = text.lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise OtlpConfigError(f"{what}: expected true or false, got {text!r}")
+
+
+def resolve(
+    config: OtlpConfig, signal: Signal, env: Mapping[str, str] | None = None
+) -> SignalSettings | None:
+    """The settings for one signal, or None when OTLP is not configured for it."""
+    env = os.environ if env is None else env
+    if env.get(f"OTEL_{signal.upper()}_EXPORTER", "").strip().lower() == "none":
+        return None
+    proto_s = config.protocol or _env(env, signal, "PROTOCOL") or DEFAULT_PROTOCOL
+    if proto_s not in PROTOCOLS:
+        raise OtlpConfigError(
+            f"OTLP protocol {proto_s!r} is not supported: use one of {', '.join(PROTOCOLS)}"
+        )
+    protocol: Protocol = "grpc" if proto_s == "grpc" else "http/protobuf"
+    path = f"/v1/{signal}"
+    if config.endpoint:
+        endpoint = config.endpoint
+        if protocol == "http/protobuf":
+            endpoint = endpoint.rstrip("/") + path
+    elif signal_endpoint := env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT", "").strip():
+        # The signal-specific variable is a full URL, used as is.
+        endpoint = signal_endpoint
+    elif base := env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip():
+        endpoint = base if protocol == "grpc" else base.rstrip("/") + path
+    else:
+        return None
+    scheme = urllib.parse.urlsplit(endpoint).scheme if "://" in endpoint else ""
+    if protocol == "http/protobuf" and scheme not in ("http", "https"):
+        raise OtlpConfigError(f"OTLP/HTTP endpoint needs http:// or https://: {endpoint!r}")
+    if protocol == "grpc" and scheme not in ("", "http", "https"):
+        raise OtlpConfigError(f"OTLP/gRPC endpoint must be http(s)://host:port: {endpoint!r}")
+
+    headers = {}
+    if env_headers := _env(env, signal, "HEADERS"):
+        headers.update(parse_headers(env_headers))
+    headers.update({k.lower(): v for k, v in config.headers.items()})
+
+    if config.insecure is not None:
+        insecure = config.insecure
+    elif (env_insecure := _env(env, signal, "INSECURE")) is not None:
+        insecure = _bool(env_insecure, "OTEL_EXPORTER_OTLP_INSECURE")
+    else:
+        insecure = scheme == "http"
+    if scheme == "https":
+        insecure = False
+
+    compression = config.compression or _env(env, signal, "COMPRESSION") or "none"
+    if compression not in COMPRESSIONS:
+        raise OtlpConfigError(
+            f"OTLP compression {compression!r} is not supported: use gzip, deflate or none"
+        )
+    if config.timeout_seconds is not None:
+        timeout_s = config.timeout_seconds
+    elif (env_timeout := _env(env, signal, "TIMEOUT")) is not None:
+        # The spec gives this variable in milliseconds.
+        try:
+            timeout_s = float(env_timeout) / 1000.0
+        except ValueError:
+            raise OtlpConfigError(
+                f"OTEL_EXPORTER_OTLP_TIMEOUT: not a number: {env_timeout!r}"
+            ) from None
+        if timeout_s <= 0:
+            raise OtlpConfigError("OTEL_EXPORTER_OTLP_TIMEOUT must be positive (milliseconds)")
+    else:
+        timeout_s = DEFAULT_TIMEOUT_S
+    settings = SignalSettings(
+        signal=signal,
+        protocol=protocol,
+        endpoint=endpoint,
+        headers=headers,
+        insecure=insecure,
+        certificate=config.certificate or _env(env, signal, "CERTIFICATE"),
+        client_certificate=config.client_certificate or _env(env, signal, "CLIENT_CERTIFICATE"),
+        client_key=config.client_key or _env(env, signal, "CLIENT_KEY"),
+        compression=compression,
+        timeout_s=timeout_s,
+    )
+    for path_setting in (settings.certificate, settings.client_certificate, settings.client_key):
+        if path_setting is not None and not os.path.isfile(path_setting):
+            raise OtlpConfigError(f"OTLP TLS file not found: {path_setting}")
+    if (settings.client_certificate is None) != (settings.client_key is None):
+        raise OtlpConfigError("OTLP mTLS needs both a client certificate and a client key")
+    return settings
+
+
+def _grpc_credentials(s: SignalSettings) -> grpc.ChannelCredentials | None:
+
+    if s.insecure or not (s.certificate or s.client_certificate):
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(s.certificate),
+        private_key=read(s.client_key),
+        certificate_chain=read(s.client_certificate),
+    )
+
+
+def _grpc_compression(name: str) -> grpc.Compression:
+    return {
+        "gzip": grpc.Compression.Gzip,
+        "deflate": grpc.Compression.Deflate,
+        "none": grpc.Compression.NoCompression,
+    }[name]
+
+
+def span_exporter(s: SignalSettings) -> SpanExporter:
+    if s.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
+            OTLPSpanExporter as GrpcSpanExporter,
+        )
+
+        return GrpcSpanExporter(
+            endpoint=s.endpoint,
+            insecure=s.insecure,
+            credentials=_grpc_credentials(s),
+            headers=dict(s.headers),
+            timeout=s.timeout_s,
+            compression=_grpc_compression(s.compression),
+        )
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpSpanExporter,
+    )
+
+    return HttpSpanExporter(
+        endpoint=s.endpoint,
+        certificate_file=s.certificate,
+        client_key_file=s.client_key,
+        client_certificate_file=s.client_certificate,
+        headers=dict(s.headers),
+        timeout=s.timeout_s,
+        compression=Compression(s.compression),
+    )
+
+
+def metric_exporter(s: SignalSettings) -> MetricExporter:
+    if s.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcMetricExporter,
+        )
+
+        return GrpcMetricExporter(
+            endpoint=s.endpoint,
+            insecure=s.insecure,
+            credentials=_grpc_credentials(s),
+            headers=dict(s.headers),
+            timeout=s.timeout_s,
+            compression=_grpc_compression(s.compression),
+        )
+    from opentelemetry.exporter.otlp.proto.http import Compression
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpMetricExporter,
+    )
+
+    return HttpMetricExporter(
+        endpoint=s.endpoint,
+        certificate_file=s.certificate,
+        client_key_file=s.client_key,
+        client_certificate_file=s.client_certificate,
+        headers=dict(s.headers),
+        timeout=s.timeout_s,
+        compression=Compression(s.compression),
+    )
+
+
+def exporters(
+    export: ExportConfig, env: Mapping[str, str] | None = None
+) -> tuple[SpanExporter | None, MetricExporter | None]:
+    """The span and metric exporters the configuration asks for (None: that signal is off)."""
+    spans: SpanExporter | None = None
+    metrics: MetricExporter | None = None
+    if export.console_spans:
+        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+        spans = ConsoleSpanExporter(
+            out=sys.stdout, formatter=lambda span: span.to_json(indent=None) + "\n"
+        )
+    elif export.traces and (t := resolve(export.otlp, "traces", env)) is not None:
+        log.info("OTLP %s", t.describe())
+        spans = span_exporter(t)
+    if export.metrics and (m := resolve(export.otlp, "metrics", env)) is not None:
+        log.info("OTLP %s", m.describe())
+        metrics = metric_exporter(m)
+    return spans, metrics
+
+
+# The SDK exporters log every failed batch (and every retry) at WARNING/ERROR;
+# with a backend down for an hour that is thousands of lines. The agent
+# reports the first failure and the recovery itself, with drop counts.
+SDK_EXPORT_LOGGERS = (
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http._common",
+)
+
+
+def quiet_sdk_export_logs() -> None:
+    for name in SDK_EXPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
