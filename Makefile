@@ -34,7 +34,7 @@ typecheck: venv
 
 # Components built from Go modules, cached by version under $(FLOWPROBE_CACHE):
 # a no-op when the cache is warm, the cold path when it is not.
-tools: backends-tools
+tools: backends-tools cluster-tools
 
 test: deps lint typecheck tools
 	$(PY) -c "import operator, collections; operator.itemgetter"

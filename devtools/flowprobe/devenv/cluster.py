@@ -9,7 +9,7 @@ Service IPs are fake and must never be connected to.
 
     with LocalCluster() as cluster:
         cluster.create_fake_nodes(2)
-        cluster.kubectl("create", "deployment", "web", "--image=nginx")
+        cluster.kubectl("create", "deployment", "web", "--image=registry.invalid/web:1")
 
 ``python -m flowprobe.devenv.cluster`` runs one in the foreground until Ctrl-C
 (this is what ``make cluster`` calls).
@@ -44,6 +44,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flowprobe.devenv import toolchain
@@ -52,11 +53,11 @@ HOST = "127.0.0.1"
 # 10.0.0.1 (first address) becomes the `kubernetes` Service ClusterIP, so it
 # is in the serving certificate's SANs.
 SERVICE_CIDR = "10.0.0.0/24"
-# kube-controller-manager hands each node a /24 from this; kwok takes podIPs
-# from the node's podCIDR, so pods on different nodes get distinct IPs.
-CLUSTER_CIDR = "10.244.0.0/16"
-# kwok's fallback for nodes without a podCIDR; kept out of both ranges above.
-KWOK_FALLBACK_CIDR = "10.245.0.1/24"
+# kwok hands out podIPs from this one pool, so they are unique cluster-wide.
+# Nodes get no spec.podCIDR on purpose: kwok would then start at the node
+# range's network address (x.y.z.0), which no real CNI assigns.
+POD_CIDR = "10.244.0.0/16"
+_KWOK_CIDR = "10.244.0.1/16"  # kwok's flag takes the first address to use
 KWOK_ANNOTATION = "kwok.x-k8s.io/node"
 _MARKER = ".flowprobe-cluster"
 _LOG_TAIL_LINES = 40
@@ -88,6 +89,9 @@ class Pki:
     admin_crt: Path
     admin_key: Path
     sa_key: Path
+    front_proxy_ca_crt: Path
+    front_proxy_client_crt: Path
+    front_proxy_client_key: Path
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> None:
@@ -105,91 +109,105 @@ def _write_cert(path: Path, cert: x509.Certificate) -> None:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def generate_pki(directory: Path) -> Pki:
-    """CA, apiserver serving cert, admin client cert and service-account key.
-
-    EC P-256 keeps generation in the milliseconds; the service-account key is
-    RSA because that is the signing algorithm every component defaults to.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    # Backdated so that small clock differences never make a cert "not yet valid".
-    not_before = now - datetime.timedelta(hours=1)
-    not_after = now + datetime.timedelta(days=365)
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "flowprobe-local-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
+def _key_usage(*, cert_sign: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=cert_sign,
+        crl_sign=cert_sign,
+        encipher_only=False,
+        decipher_only=False,
     )
 
+
+@dataclass(frozen=True)
+class _Ca:
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+class _CertFactory:
+    def __init__(self) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        # Backdated so that small clock differences never make a cert "not yet valid".
+        self.not_before = now - datetime.timedelta(hours=1)
+        self.not_after = now + datetime.timedelta(days=365)
+
+    def _builder(
+        self, subject: x509.Name, issuer: x509.Name, public: CertificatePublicKeyTypes
+    ) -> x509.CertificateBuilder:
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self.not_before)
+            .not_valid_after(self.not_after)
+        )
+
+    def ca(self, common_name: str) -> _Ca:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        cert = (
+            self._builder(name, name, key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(_key_usage(cert_sign=True), critical=True)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return _Ca(cert, key)
+
     def leaf(
+        self,
+        ca: _Ca,
         subject: x509.Name,
         usage: x509.ObjectIdentifier,
-        sans: list[x509.GeneralName] | None = None,
+        sans: Sequence[x509.GeneralName] = (),
     ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before)
-            .not_valid_after(not_after)
+            self._builder(subject, ca.cert.subject, key.public_key())
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(_key_usage(cert_sign=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
             .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
                 critical=False,
             )
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(ca_key, hashes.SHA256()), key
+        return builder.sign(ca.key, hashes.SHA256()), key
 
+
+def _cn(common_name: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)] if org else []
+    return x509.Name([*attrs, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+FRONT_PROXY_CLIENT_CN = "front-proxy-client"
+
+
+def generate_pki(directory: Path) -> Pki:
+    """Cluster CA, apiserver serving cert, admin client cert, service-account key,
+    and the front-proxy (request-header) CA and client cert.
+
+    EC P-256 keeps generation in the milliseconds; the service-account key is
+    RSA because that is the signing algorithm every component defaults to.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    f = _CertFactory()
+    ca = f.ca("flowprobe-local-ca")
     service_ip = ipaddress.IPv4Network(SERVICE_CIDR)[1]
-    api_cert, api_key = leaf(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]),
+    api_cert, api_key = f.leaf(
+        ca,
+        _cn("kube-apiserver"),
         ExtendedKeyUsageOID.SERVER_AUTH,
         [
             x509.DNSName("localhost"),
@@ -197,21 +215,20 @@ def generate_pki(directory: Path) -> Pki:
             x509.DNSName("kubernetes.default"),
             x509.DNSName("kubernetes.default.svc"),
             x509.DNSName("kubernetes.default.svc.cluster.local"),
-            x509.IPAddress(ipaddress.ip_address(HOST)),
+            x509.IPAddress(ipaddress.IPv4Address(HOST)),
             x509.IPAddress(service_ip),
         ],
     )
     # O=system:masters is bound to cluster-admin by the bootstrap RBAC policy,
     # so no RoleBinding has to exist before the first request.
-    admin_cert, admin_key = leaf(
-        x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "system:masters"),
-                x509.NameAttribute(NameOID.COMMON_NAME, "flowprobe-admin"),
-            ]
-        ),
-        ExtendedKeyUsageOID.CLIENT_AUTH,
+    admin_cert, admin_key = f.leaf(
+        ca, _cn("flowprobe-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH
     )
+    # The apiserver publishes this CA in kube-system/extension-apiserver-authentication;
+    # without it kcm and the scheduler log "missing content for CA bundle" on
+    # every sync, and aggregated API servers could not authenticate requests.
+    fp_ca = f.ca("flowprobe-front-proxy-ca")
+    fp_cert, fp_key = f.leaf(fp_ca, _cn(FRONT_PROXY_CLIENT_CN), ExtendedKeyUsageOID.CLIENT_AUTH)
     sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
     pki = Pki(
@@ -222,14 +239,20 @@ def generate_pki(directory: Path) -> Pki:
         admin_crt=directory / "admin.crt",
         admin_key=directory / "admin.key",
         sa_key=directory / "sa.key",
+        front_proxy_ca_crt=directory / "front-proxy-ca.crt",
+        front_proxy_client_crt=directory / "front-proxy-client.crt",
+        front_proxy_client_key=directory / "front-proxy-client.key",
     )
-    _write_cert(pki.ca_crt, ca_cert)
-    _write_key(pki.ca_key, ca_key)
+    _write_cert(pki.ca_crt, ca.cert)
+    _write_key(pki.ca_key, ca.key)
     _write_cert(pki.apiserver_crt, api_cert)
     _write_key(pki.apiserver_key, api_key)
     _write_cert(pki.admin_crt, admin_cert)
     _write_key(pki.admin_key, admin_key)
     _write_key(pki.sa_key, sa_key)
+    _write_cert(pki.front_proxy_ca_crt, fp_ca.cert)
+    _write_cert(pki.front_proxy_client_crt, fp_cert)
+    _write_key(pki.front_proxy_client_key, fp_key)
     return pki
 
 
@@ -409,6 +432,7 @@ class LocalCluster:
         self.die_with_parent = die_with_parent
         self.versions = toolchain.read_versions()
         self._workdir: Path | None = None
+        self._running = False
         self._lock_fd: int | None = None
         self._pki: Pki | None = None
         self._ports: Ports | None = None
@@ -422,6 +446,7 @@ class LocalCluster:
 
     @property
     def workdir(self) -> Path:
+        """The work dir; still set after stop() (it then exists only with keep=True)."""
         if self._workdir is None:
             raise ClusterError("cluster not started")
         return self._workdir
@@ -506,11 +531,12 @@ class LocalCluster:
         return wd
 
     def start(self) -> None:
-        if self._workdir is not None:
+        if self._running:
             raise ClusterError("cluster already started")
         t0 = time.monotonic()
         bins = self._binaries()
         self._workdir = self._prepare_workdir()
+        self._running = True
         try:
             (self.workdir / "logs").mkdir()
             self._pki = generate_pki(self.workdir / "pki")
@@ -531,7 +557,12 @@ class LocalCluster:
                     _stop_all(list(self._components.values())[::-1])
                     for d in ("etcd", "kwok-home"):
                         shutil.rmtree(self.workdir / d, ignore_errors=True)
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, ClusterStartError) and not self.keep:
+                exc.add_note(
+                    "The work dir (and so that log) is removed; keep it with keep=True "
+                    "(FLOWPROBE_KEEP_CLUSTER=1 for the pytest fixture, --keep for the CLI)."
+                )
             self.stop(force_remove=not self.keep)
             raise
         self.started_in = time.monotonic() - t0
@@ -546,10 +577,9 @@ class LocalCluster:
                 _stop_all([self._components["etcd"]])
             self._components = {}
         remove = (not self.keep) if force_remove is None else force_remove
-        if self._workdir is not None:
-            if remove:
-                shutil.rmtree(self._workdir, ignore_errors=True)
-            self._workdir = None
+        if self._running and self._workdir is not None and remove:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+        self._running = False
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
@@ -601,6 +631,13 @@ class LocalCluster:
                     f"--tls-cert-file={pki.apiserver_crt}",
                     f"--tls-private-key-file={pki.apiserver_key}",
                     f"--client-ca-file={pki.ca_crt}",
+                    f"--requestheader-client-ca-file={pki.front_proxy_ca_crt}",
+                    f"--requestheader-allowed-names={FRONT_PROXY_CLIENT_CN}",
+                    "--requestheader-username-headers=X-Remote-User",
+                    "--requestheader-group-headers=X-Remote-Group",
+                    "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                    f"--proxy-client-cert-file={pki.front_proxy_client_crt}",
+                    f"--proxy-client-key-file={pki.front_proxy_client_key}",
                     "--authorization-mode=RBAC",
                     "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                     f"--service-account-key-file={pki.sa_key}",
@@ -610,6 +647,9 @@ class LocalCluster:
                     # kubectl logs/exec go apiserver -> node InternalIP (kwok sets
                     # 127.0.0.1 below): keep that path on loopback.
                     "--kubelet-preferred-address-types=InternalIP",
+                    # On SIGTERM, open watches (kcm, scheduler, kwok, tests)
+                    # otherwise hold the HTTP server's shutdown for its 60 s timeout.
+                    "--shutdown-watch-termination-grace-period=2s",
                     "--profiling=false",
                 ],
                 logs / "kube-apiserver.log",
@@ -630,9 +670,9 @@ class LocalCluster:
                     f"--service-account-private-key-file={pki.sa_key}",
                     f"--cluster-signing-cert-file={pki.ca_crt}",
                     f"--cluster-signing-key-file={pki.ca_key}",
-                    "--allocate-node-cidrs=true",
-                    f"--cluster-cidr={CLUSTER_CIDR}",
                     f"--service-cluster-ip-range={SERVICE_CIDR}",
+                    # Its default is under /usr/libexec, which kcm would create.
+                    f"--flex-volume-plugin-dir={wd / 'flexvolume'}",
                     "--profiling=false",
                 ],
                 logs / "kube-controller-manager.log",
@@ -660,7 +700,7 @@ class LocalCluster:
                     f"--kubeconfig={kc}",
                     f"--manage-nodes-with-annotation-selector={KWOK_ANNOTATION}=fake",
                     "--node-lease-duration-seconds=40",
-                    f"--cidr={KWOK_FALLBACK_CIDR}",
+                    f"--cidr={_KWOK_CIDR}",
                     # Node InternalIP and so every pod's hostIP; loopback so that
                     # anything dialling a "kubelet" stays on this machine.
                     f"--node-ip={HOST}",
@@ -1062,7 +1102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         return 1
                     time.sleep(1)
         except KeyboardInterrupt:
-            print("\nstopping local cluster", flush=True)
+            print("\nlocal cluster stopped", flush=True)
             return 0
         except (ClusterError, toolchain.ToolchainError) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -231,7 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown component(s): {', '.join(sorted(unknown))}")
     try:
         if args.cmd == "ensure":
-            ensure_components(args.components or None)
+            for name in args.components or list(COMPONENTS):
+                for binary in COMPONENTS[name].binaries:
+                    print(f"{binary}: {ensure_binary(binary)}")
             if not args.no_kubectl:
                 kubectl = ensure_kubectl()
                 print(f"kubectl {read_versions()['KUBECTL_VERSION']}: {kubectl}")
