@@ -20,7 +20,7 @@ def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
     share the cluster: use your own namespace and fake-node prefix.
     FLOWPROBE_KEEP_CLUSTER=1 keeps the work dir (logs, kubeconfig) afterwards.
     """
-    toolchain.ensure_components()
+    toolchain.ensure_components(["kube", "etcd", "kwok", "helm"])
     toolchain.ensure_kubectl()
     keep = os.environ.get("FLOWPROBE_KEEP_CLUSTER") == "1"
     with LocalCluster(tmp_path_factory.mktemp("local-cluster"), keep=keep) as cluster:

@@ -108,37 +108,13 @@ class Ports:
 
 # --- binaries ---------------------------------------------------------------
 
-# component (tools/build/<component>.sh) -> (binary, key in tools/versions.env)
-_GO_BACKENDS: dict[str, tuple[str, str]] = {
-    "jaeger": ("jaeger", "JAEGER_VERSION"),
-    "otelcol": ("otelcol-flowprobe", "OTELCOL_VERSION"),
-}
+# component (tools/build/<component>.sh) -> its binary
+_GO_BACKENDS: dict[str, str] = {"jaeger": "jaeger", "otelcol": "otelcol-flowprobe"}
 
 
 def backend_binary(component: str, *, build: bool = True) -> Path:
-    """Cached binary of a Go-built backend, running its build script if missing.
-
-    Defers to toolchain.ensure_binary once the component is registered there;
-    until then the same cache layout is computed here.
-    """
-    binary, version_key = _GO_BACKENDS[component]
-    try:
-        toolchain.component_of(binary)
-    except toolchain.ToolchainError:
-        pass
-    else:
-        return toolchain.ensure_binary(binary, build=build)
-    version = toolchain.read_versions()[version_key]
-    path = toolchain.cache_dir() / "bin" / f"{component}-{version}" / binary
-    if not (path.is_file() and os.access(path, os.X_OK)):
-        if not build:
-            raise BackendError(
-                f"{path} is missing; run tools/build/{component}.sh or `make backends-tools`"
-            )
-        toolchain.build_component(component)
-        if not path.is_file():
-            raise BackendError(f"tools/build/{component}.sh finished but {path} does not exist")
-    return path
+    """Cached binary of a Go-built backend, running its build script if missing."""
+    return toolchain.ensure_binary(_GO_BACKENDS[component], build=build)
 
 
 def prometheus_binary() -> Path:

@@ -49,6 +49,8 @@ COMPONENTS: dict[str, Component] = {
         Component("etcd", "ETCD_VERSION", ("etcd",)),
         Component("kwok", "KWOK_VERSION", ("kwok",)),
         Component("helm", "HELM_VERSION", ("helm",)),
+        Component("jaeger", "JAEGER_VERSION", ("jaeger",)),
+        Component("otelcol", "OTELCOL_VERSION", ("otelcol-flowprobe",)),
     )
 }
 
@@ -129,7 +131,7 @@ def ensure_binary(binary: str, *, build: bool = True) -> Path:
     if not build:
         raise ToolchainError(
             f"{path} is missing; run tools/build/{component_of(binary).name}.sh "
-            "or `make cluster-tools`"
+            "or `make tools`"
         )
     build_component(component_of(binary).name)
     if not path.is_file():
