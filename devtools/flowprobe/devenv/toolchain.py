@@ -130,8 +130,7 @@ def ensure_binary(binary: str, *, build: bool = True) -> Path:
         return path
     if not build:
         raise ToolchainError(
-            f"{path} is missing; run tools/build/{component_of(binary).name}.sh "
-            "or `make tools`"
+            f"{path} is missing; run tools/build/{component_of(binary).name}.sh or `make tools`"
         )
     build_component(component_of(binary).name)
     if not path.is_file():
