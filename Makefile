@@ -36,7 +36,7 @@ typecheck: venv
 # a no-op when the cache is warm, the cold path when it is not.
 tools: backends-tools cluster-tools
 
-test: deps lint typecheck tools
+test: deps lint typecheck crds-check tools
 	$(PY) -c "import operator, collections; operator.itemgetter"
 	$(PY) -m pytest $(PYTEST_ARGS)
 

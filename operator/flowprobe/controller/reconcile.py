@@ -1,0 +1,450 @@
+"""Level-based reconciliation of all ProbePolicies into one set of agent objects.
+
+Every policy feeds the same DaemonSet and ConfigMap, so there is no per-policy
+reconcile: any relevant change (a policy event, a change to the agent objects,
+the periodic resync) requests one run of ``reconcile_once``, which
+
+1. lists all ProbePolicies and parses them (pydantic);
+2. compiles them (compiler.py), keeping Unmanaged policies' frozen entries;
+3. renders the ServiceAccount, ConfigMap and DaemonSet (render.py) and applies
+   them with server-side apply, or deletes them when nothing is left to apply;
+4. observes agent pods, agent reports and matched pods, and writes each
+   Managed policy's status (status.py), posting Events on transitions.
+
+Requests are coalesced: concurrent requests share one run, and a run that
+starts after a request covers it. Each step is idempotent, so a run cut short
+(operator killed mid-way) is completed by the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from flowprobe.api import constants
+from flowprobe.api.agentreport import AgentReport, lease_is_fresh
+from flowprobe.api.conditions import ConditionStatus, now_utc
+from flowprobe.api.policyset import CompiledPolicySet
+from flowprobe.api.v1alpha1 import LabelSelector, ProbePolicy, ProbePolicyStatus
+from flowprobe.controller import kube
+from flowprobe.controller.compiler import Compilation, Unparseable, compile_policies, parse_policy
+from flowprobe.controller.config import OperatorConfig
+from flowprobe.controller.kube import Kube, KubeError
+from flowprobe.controller.render import AgentObjects, render, selector_labels
+from flowprobe.controller.status import (
+    AgentPod,
+    EventSpec,
+    Observation,
+    compute_status,
+    transition_events,
+)
+
+log = logging.getLogger(__name__)
+
+# A run taking longer than this is stuck (hung connection, deadlock): the
+# liveness probe fails and the kubelet restarts the operator.
+STUCK_AFTER_SECONDS = 600.0
+
+
+def _selector(labels: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def _parse_time(value: Any) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class RunResult:
+    policies: int
+    applied: bool
+    error: str | None
+
+
+class Reconciler:
+    def __init__(
+        self,
+        client: Kube,
+        config: OperatorConfig,
+        *,
+        clock: Callable[[], datetime.datetime] = now_utc,
+        debounce: float = 0.2,
+    ) -> None:
+        self.kube = client
+        self.config = config
+        self._clock = clock
+        self._debounce = debounce
+        self._lock = asyncio.Lock()
+        self._requested = 0
+        self._completed = 0
+        self._last_success_started: float | None = None
+        self._busy_since: float | None = None
+        # metadata.generation per policy uid as of the last event: status-only
+        # updates (mostly our own) do not need a run.
+        self._generations: dict[str, int] = {}
+        # resourceVersion our last apply produced, per kind: echoes of our own
+        # writes do not need a run.
+        self._applied: dict[str, str] = {}
+        self._instance = socket.gethostname()
+        # Only the leader reconciles; a standby (or a replica that just lost
+        # the lease) ignores every request.
+        self.active = False
+        # Earliest time limit among the applied policies: the resync does not
+        # wait for resyncSeconds to mark a policy Expired and drop it.
+        self._next_deadline: datetime.datetime | None = None
+
+    # -- triggers -------------------------------------------------------------
+
+    def policy_changed(self, event_type: str | None, uid: str, generation: int) -> bool:
+        """Whether a ProbePolicy watch event may change anything we derive."""
+        if event_type == "DELETED":
+            self._generations.pop(uid, None)
+            return True
+        if self._generations.get(uid) == generation:
+            return False
+        self._generations[uid] = generation
+        return True
+
+    def child_changed(self, event_type: str | None, kind: str, resource_version: str) -> bool:
+        """Whether an event on an agent object needs a run (drift, deletion, DaemonSet status)."""
+        if event_type == "DELETED" or kind == "DaemonSet":
+            return True
+        return self._applied.get(kind) != resource_version
+
+    async def request(self, *, max_age: float = 0.0) -> None:
+        """Run a reconcile that starts after this call (shared with concurrent callers).
+
+        ``max_age`` > 0 (periodic resync): do nothing if a successful run
+        started less than ``max_age`` seconds ago.
+        """
+        if not self.active:
+            return
+        self._requested += 1
+        ticket = self._requested
+        async with self._lock:
+            if self._completed >= ticket or not self.active:
+                return
+            last = self._last_success_started
+            fresh = last is not None and time.monotonic() - last < max_age
+            if max_age and fresh and not self._deadline_passed():
+                return
+            # Let a burst of events (kubectl apply -f dir/) land in one run.
+            await asyncio.sleep(self._debounce)
+            covered = self._requested
+            started = time.monotonic()
+            self._busy_since = started
+            try:
+                await self.reconcile_once()
+            finally:
+                self._busy_since = None
+            self._last_success_started = started
+            self._completed = covered
+
+    def _deadline_passed(self) -> bool:
+        return self._next_deadline is not None and self._clock() >= self._next_deadline
+
+    def health(self) -> dict[str, Any]:
+        """For the liveness probe: raises if a run has been going on for too long."""
+        busy = None if self._busy_since is None else time.monotonic() - self._busy_since
+        if busy is not None and busy > STUCK_AFTER_SECONDS:
+            raise RuntimeError(f"reconcile running for {busy:.0f} s; assuming it is stuck")
+        last = self._last_success_started
+        return {
+            "active": self.active,
+            "busySeconds": None if busy is None else round(busy, 1),
+            "secondsSinceLastSuccess": None if last is None else round(time.monotonic() - last, 1),
+        }
+
+    # -- one run ----------------------------------------------------------------
+
+    async def reconcile_once(self) -> RunResult:
+        now = self._clock()
+        bodies = await self.kube.list(kube.PROBEPOLICIES)
+        parsed = [parse_policy(b) for b in bodies]
+        live_cm = await self.kube.get(
+            kube.CONFIGMAPS, self.config.agent.name, self.config.namespace
+        )
+        comp = compile_policies(parsed, self.config, previous=self._previous_set(live_cm), now=now)
+
+        limits = [p.not_after for p in comp.policy_set.policies if p.not_after is not None]
+        self._next_deadline = min(limits, default=None)
+
+        error: str | None = None
+        daemon_set: dict[str, Any] | None = None
+        try:
+            if comp.empty:
+                await self._remove_agents()
+            else:
+                daemon_set = await self._apply(render(comp, self.config))
+        except KubeError as exc:
+            error = f"{exc.method} {exc.path} failed: {exc.message}"
+            log.error("applying the agent objects failed: %s", error)
+            daemon_set = await self._get_daemon_set()
+
+        obs = await self._observe(comp, parsed, daemon_set, error, now)
+        await self._write_statuses(bodies, parsed, comp, obs)
+        return RunResult(
+            policies=len(parsed), applied=not comp.empty and error is None, error=error
+        )
+
+    def _previous_set(self, live_cm: dict[str, Any] | None) -> CompiledPolicySet | None:
+        if live_cm is None:
+            return None
+        text = (live_cm.get("data") or {}).get(constants.POLICY_SET_KEY)
+        if not text:
+            return None
+        try:
+            return CompiledPolicySet.from_json(text)
+        except ValidationError as exc:
+            # Only Unmanaged policies lose their frozen entry; Managed ones are recompiled.
+            log.warning("ignoring unreadable policy set in the agent ConfigMap: %s", exc)
+            return None
+
+    async def _apply(self, objects: AgentObjects) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for obj in objects.in_apply_order():
+            result = await self.kube.apply(obj)
+            self._applied[obj["kind"]] = str(result["metadata"].get("resourceVersion", ""))
+        return result  # the DaemonSet, applied last
+
+    async def _get_daemon_set(self) -> dict[str, Any] | None:
+        # A list by name, not a get: kopf's watch already needs `list`, and this
+        # failure path alone would not justify an extra `get` permission.
+        try:
+            found = await self.kube.list(
+                kube.DAEMONSETS,
+                self.config.namespace,
+                field_selector=f"metadata.name={self.config.agent.name}",
+            )
+        except KubeError:
+            return None
+        return found[0] if found else None
+
+    async def _remove_agents(self) -> None:
+        ns, name = self.config.namespace, self.config.agent.name
+        removed = False
+        for res in (kube.DAEMONSETS, kube.CONFIGMAPS, kube.SERVICEACCOUNTS):
+            removed |= await self.kube.delete(res, name, ns)
+        self._applied.clear()
+        leases = await self.kube.list(
+            kube.LEASES,
+            ns,
+            label_selector=f"{constants.LABEL_COMPONENT}={constants.COMPONENT_AGENT_REPORT}",
+        )
+        for lease in leases:
+            await self.kube.delete(kube.LEASES, lease["metadata"]["name"], ns)
+        if removed:
+            log.info("no active ProbePolicy left: removed the agent DaemonSet and its objects")
+
+    # -- observation ------------------------------------------------------------
+
+    async def _observe(
+        self,
+        comp: Compilation,
+        parsed: Sequence[ProbePolicy | Unparseable],
+        daemon_set: dict[str, Any] | None,
+        error: str | None,
+        now: datetime.datetime,
+    ) -> Observation:
+        ns = self.config.namespace
+        checksum = comp.policy_set.checksum()
+        pods: list[AgentPod] = []
+        reports: dict[str, AgentReport] = {}
+        node_labels: dict[str, dict[str, str]] = {}
+        rollout_complete = False
+        if daemon_set is not None:
+            spec_gen = daemon_set["metadata"].get("generation")
+            st = daemon_set.get("status") or {}
+            rollout_complete = st.get("observedGeneration") == spec_gen and st.get(
+                "updatedNumberScheduled", 0
+            ) == st.get("desiredNumberScheduled", 0)
+            pods = self._agent_pods(
+                await self.kube.list(
+                    kube.PODS, ns, label_selector=_selector(selector_labels(self.config))
+                )
+            )
+            reports = self._reports(await self._report_leases(), now)
+            if any(p.node_selector for p in comp.policy_set.policies):
+                nodes = await self.kube.list(kube.NODES, metadata_only=True)
+                node_labels = {
+                    n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes
+                }
+        managed = [p for p in parsed if isinstance(p, ProbePolicy) and p.managed]
+        return Observation(
+            now=now,
+            checksum=checksum,
+            daemon_set_exists=daemon_set is not None,
+            rollout_complete=rollout_complete,
+            agent_pods=pods,
+            node_labels=node_labels,
+            reports=reports,
+            matched_pods=await self._matched_pods(managed),
+            reconcile_error=error,
+            report_grace=datetime.timedelta(seconds=self.config.agent_report_grace_seconds),
+        )
+
+    @staticmethod
+    def _agent_pods(items: list[dict[str, Any]]) -> list[AgentPod]:
+        pods = []
+        for pod in items:
+            meta = pod["metadata"]
+            node = (pod.get("spec") or {}).get("nodeName")
+            if meta.get("deletionTimestamp") or not node:
+                continue
+            ready: dict[str, Any] = next(
+                (
+                    c
+                    for c in (pod.get("status") or {}).get("conditions") or []
+                    if c.get("type") == "Ready"
+                ),
+                {},
+            )
+            pods.append(
+                AgentPod(
+                    name=meta["name"],
+                    node=node,
+                    ready=ready.get("status") == ConditionStatus.TRUE
+                    and (pod.get("status") or {}).get("phase") == "Running",
+                    checksum=(meta.get("annotations") or {}).get(
+                        constants.ANNOTATION_CONFIG_CHECKSUM, ""
+                    ),
+                    ready_since=_parse_time(ready.get("lastTransitionTime")),
+                )
+            )
+        return sorted(pods, key=lambda p: p.node)
+
+    async def _report_leases(self) -> list[dict[str, Any]]:
+        return await self.kube.list(
+            kube.LEASES,
+            self.config.namespace,
+            label_selector=f"{constants.LABEL_COMPONENT}={constants.COMPONENT_AGENT_REPORT}",
+        )
+
+    @staticmethod
+    def _reports(leases: list[dict[str, Any]], now: datetime.datetime) -> dict[str, AgentReport]:
+        reports: dict[str, AgentReport] = {}
+        for lease in leases:
+            spec = lease.get("spec") or {}
+            if not lease_is_fresh(
+                _parse_time(spec.get("renewTime")), spec.get("leaseDurationSeconds"), now
+            ):
+                continue
+            raw = (lease["metadata"].get("annotations") or {}).get(
+                constants.ANNOTATION_AGENT_REPORT
+            )
+            if not raw:
+                continue
+            try:
+                report = AgentReport.model_validate_json(raw)
+            except ValidationError as exc:
+                log.warning(
+                    "ignoring unreadable agent report %s: %s", lease["metadata"]["name"], exc
+                )
+                continue
+            reports[report.node] = report
+        return reports
+
+    async def _matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
+        if not policies:
+            return {}
+        # Metadata only: labels are all that matching needs, and a full pod
+        # list of a big cluster is tens of megabytes.
+        namespaces = {
+            n["metadata"]["name"]: n["metadata"].get("labels") or {}
+            for n in await self.kube.list(kube.NAMESPACES, metadata_only=True)
+        }
+        pods = await self.kube.list(
+            kube.PODS, field_selector="status.phase=Running", metadata_only=True
+        )
+        counts = {}
+        for pol in policies:
+            ns_sel: LabelSelector = pol.spec.namespace_selector
+            selected = {name for name, labels in namespaces.items() if ns_sel.matches(labels)}
+            counts[pol.name] = sum(
+                1
+                for p in pods
+                if p["metadata"].get("namespace") in selected
+                and not p["metadata"].get("deletionTimestamp")
+                and pol.spec.pod_selector.matches(p["metadata"].get("labels") or {})
+            )
+        return counts
+
+    # -- status and events -----------------------------------------------------
+
+    async def _write_statuses(
+        self,
+        bodies: Sequence[dict[str, Any]],
+        parsed: Sequence[ProbePolicy | Unparseable],
+        comp: Compilation,
+        obs: Observation,
+    ) -> None:
+        for body, pol in zip(bodies, parsed, strict=True):
+            if isinstance(pol, ProbePolicy) and not pol.managed:
+                continue  # Unmanaged: status is left exactly as it is
+            verdict = comp.verdicts[pol.name]
+            previous = pol.status if isinstance(pol, ProbePolicy) else _status_of(body)
+            new = compute_status(verdict, previous, obs)
+            if new.to_api() == previous.to_api():
+                continue
+            try:
+                await self.kube.patch_status(kube.PROBEPOLICIES, pol.name, new.to_api())
+            except KubeError as exc:
+                if not exc.not_found:  # deleted meanwhile: nothing to report on
+                    log.error("writing the status of ProbePolicy %s failed: %s", pol.name, exc)
+                continue
+            for event in transition_events(previous.conditions, new.conditions):
+                await self._post_event(pol.name, verdict.uid, event, obs.now)
+
+    async def _post_event(
+        self, name: str, uid: str, event: EventSpec, now: datetime.datetime
+    ) -> None:
+        stamp = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "generateName": f"{name}.",
+                "namespace": self.config.events_namespace,
+                "labels": {constants.LABEL_MANAGED_BY: constants.MANAGER},
+            },
+            "involvedObject": {
+                "apiVersion": constants.API_VERSION,
+                "kind": constants.KIND,
+                "name": name,
+                "uid": uid,
+            },
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message[:1024],
+            "firstTimestamp": stamp,
+            "lastTimestamp": stamp,
+            "count": 1,
+            "source": {"component": constants.MANAGER},
+            "reportingComponent": f"{constants.GROUP}/operator",
+            "reportingInstance": self._instance,
+        }
+        try:
+            await self.kube.create(kube.EVENTS, body, self.config.events_namespace)
+        except KubeError as exc:
+            # Events are best effort; the condition already says it.
+            log.warning("posting event %s for ProbePolicy %s failed: %s", event.reason, name, exc)
+
+
+def _status_of(body: dict[str, Any]) -> ProbePolicyStatus:
+    try:
+        return ProbePolicyStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        return ProbePolicyStatus()

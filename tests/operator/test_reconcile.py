@@ -1,0 +1,408 @@
+"""Reconciler against an in-memory API: what it writes, and that it converges.
+
+The same flows run against the real control plane in test_operator_cluster.py;
+these are the fast, deterministic versions (and the error paths that are
+hard to provoke on a real server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import datetime
+import itertools
+from typing import Any
+
+import pytest
+
+from flowprobe.api import constants
+from flowprobe.controller import kube
+from flowprobe.controller.kube import Kube, KubeError, Resource
+from flowprobe.controller.reconcile import Reconciler
+from tests.operator.support import NOW, make_config, policy_body, sync
+
+NS = "flowprobe-system"
+AGENT = "flowprobe-agent"
+
+
+class FakeKube(Kube):
+    """Dict-backed stand-in for the API: enough semantics for the reconciler."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
+        self.writes: list[tuple[str, str]] = []
+        self.fail: dict[tuple[str, str], KubeError] = {}
+        self._rv = itertools.count(100)
+
+    def _key(self, res: Resource, namespace: str | None, name: str) -> tuple[str, str | None, str]:
+        return (res.plural, namespace if res.namespaced else None, name)
+
+    def _check(self, verb: str, plural: str) -> None:
+        if (verb, plural) in self.fail:
+            raise self.fail[(verb, plural)]
+
+    def put(self, res: Resource, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        meta.setdefault("uid", f"uid-{meta['name']}")
+        meta["resourceVersion"] = str(next(self._rv))
+        self.objects[self._key(res, meta.get("namespace"), meta["name"])] = obj
+
+    def items(self, res: Resource) -> list[dict[str, Any]]:
+        return [o for (plural, _, _), o in self.objects.items() if plural == res.plural]
+
+    async def get(
+        self, res: Resource, name: str, namespace: str | None = None
+    ) -> dict[str, Any] | None:
+        self._check("get", res.plural)
+        obj = self.objects.get(self._key(res, namespace, name))
+        return copy.deepcopy(obj) if obj else None
+
+    async def list(
+        self,
+        res: Resource,
+        namespace: str | None = None,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        metadata_only: bool = False,
+    ) -> list[dict[str, Any]]:
+        self._check("list", res.plural)
+        want = dict(p.split("=", 1) for p in label_selector.split(",")) if label_selector else {}
+        out = []
+        for (plural, ns, _), obj in self.objects.items():
+            labels = obj["metadata"].get("labels") or {}
+            if plural != res.plural or (namespace and ns != namespace):
+                continue
+            if any(labels.get(k) != v for k, v in want.items()):
+                continue
+            if field_selector == "status.phase=Running" and (
+                obj.get("status", {}).get("phase") != "Running"
+            ):
+                continue
+            by_name = (field_selector or "").removeprefix("metadata.name=")
+            if by_name != (field_selector or "") and obj["metadata"]["name"] != by_name:
+                continue
+            out.append(copy.deepcopy(obj))
+        return out
+
+    async def apply(self, obj: Any) -> dict[str, Any]:
+        res = {"DaemonSet": kube.DAEMONSETS, "ConfigMap": kube.CONFIGMAPS}.get(
+            obj["kind"], kube.SERVICEACCOUNTS
+        )
+        self._check("apply", res.plural)
+        old = self.objects.get(
+            self._key(res, obj["metadata"]["namespace"], obj["metadata"]["name"])
+        )
+        new = copy.deepcopy(obj)
+        if old is not None:
+            stripped = {k: v for k, v in old.items() if k != "status"}
+            stripped["metadata"] = {
+                k: v
+                for k, v in old["metadata"].items()
+                if k not in ("resourceVersion", "uid", "generation")
+            }
+            if stripped == obj:
+                return copy.deepcopy(old)  # no-op apply: nothing changes on the server
+            new["status"] = old.get("status", {})
+            gen = old["metadata"].get("generation", 1)
+            new["metadata"]["generation"] = gen + (old.get("spec") != obj.get("spec"))
+            new["metadata"]["uid"] = old["metadata"]["uid"]
+        else:
+            new["metadata"]["generation"] = 1
+        self.writes.append(("apply", obj["kind"]))
+        self.put(res, new)
+        return copy.deepcopy(new)
+
+    async def delete(self, res: Resource, name: str, namespace: str | None = None) -> bool:
+        self._check("delete", res.plural)
+        found = self.objects.pop(self._key(res, namespace, name), None) is not None
+        if found:
+            self.writes.append(("delete", res.plural))
+        return found
+
+    async def patch_status(
+        self, res: Resource, name: str, status: Any, namespace: str | None = None
+    ) -> dict[str, Any]:
+        self._check("patch_status", res.plural)
+        obj = self.objects.get(self._key(res, namespace, name))
+        if obj is None:
+            raise KubeError("PATCH", name, 404, "not found")
+        obj["status"] = copy.deepcopy(dict(status))
+        self.writes.append(("status", name))
+        return copy.deepcopy(obj)
+
+    async def create(self, res: Resource, obj: Any, namespace: str | None = None) -> dict[str, Any]:
+        self._check("create", res.plural)
+        new = copy.deepcopy(dict(obj))
+        meta = new["metadata"]
+        if "generateName" in meta:
+            meta["name"] = meta.pop("generateName") + str(next(self._rv))
+        if self._key(res, meta.get("namespace"), meta["name"]) in self.objects:
+            raise KubeError("POST", meta["name"], 409, "already exists")
+        self.put(res, new)
+        return copy.deepcopy(new)
+
+    async def replace(
+        self, res: Resource, obj: Any, namespace: str | None = None
+    ) -> dict[str, Any]:
+        self._check("replace", res.plural)
+        meta = obj["metadata"]
+        current = self.objects.get(self._key(res, meta.get("namespace"), meta["name"]))
+        if current is None:
+            raise KubeError("PUT", meta["name"], 404, "not found")
+        if meta.get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            raise KubeError("PUT", meta["name"], 409, "the object has been modified")
+        new = copy.deepcopy(dict(obj))
+        self.put(res, new)
+        return copy.deepcopy(new)
+
+
+def _reconciler(api: FakeKube, **config: Any) -> Reconciler:
+    rec = Reconciler(api, make_config(**config), clock=lambda: NOW, debounce=0)
+    rec.active = True
+    return rec
+
+
+def _add_policy(api: FakeKube, name: str, spec: dict[str, Any] | None = None) -> None:
+    api.put(kube.PROBEPOLICIES, policy_body(name, spec))
+
+
+def _run_agents(api: FakeKube, *nodes: str) -> None:
+    """Play kube-controller-manager and kubelet: pods for the current template, Ready."""
+    ds = api.objects[("daemonsets", NS, AGENT)]
+    template = ds["spec"]["template"]
+    for key in [k for k in api.objects if k[0] == "pods"]:
+        del api.objects[key]
+    for node in nodes:
+        api.put(
+            kube.PODS,
+            {
+                "metadata": {
+                    "name": f"{AGENT}-{node}",
+                    "namespace": NS,
+                    "labels": template["metadata"]["labels"],
+                    "annotations": template["metadata"]["annotations"],
+                },
+                "spec": {"nodeName": node},
+                "status": {
+                    "phase": "Running",
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": "True",
+                            "lastTransitionTime": "2026-01-01T00:29:59Z",
+                        }
+                    ],
+                },
+            },
+        )
+        api.put(
+            kube.LEASES,
+            {
+                "metadata": {
+                    "name": f"flowprobe-report-{node}",
+                    "namespace": NS,
+                    "labels": {constants.LABEL_COMPONENT: constants.COMPONENT_AGENT_REPORT},
+                    "annotations": {constants.ANNOTATION_AGENT_REPORT: f'{{"node": "{node}"}}'},
+                },
+                "spec": {"renewTime": "2026-01-01T00:29:50.000000Z", "leaseDurationSeconds": 45},
+            },
+        )
+    n = len(nodes)
+    ds["status"] = {
+        "observedGeneration": ds["metadata"]["generation"],
+        "desiredNumberScheduled": n,
+        "updatedNumberScheduled": n,
+        "numberReady": n,
+    }
+
+
+def _conditions(api: FakeKube, name: str) -> dict[str, tuple[str, str]]:
+    obj = api.objects[("probepolicies", None, name)]
+    return {c["type"]: (c["status"], c["reason"]) for c in obj["status"]["conditions"]}
+
+
+def _events(api: FakeKube) -> list[tuple[str, str, str]]:
+    return [(e["involvedObject"]["name"], e["type"], e["reason"]) for e in api.items(kube.EVENTS)]
+
+
+@sync
+async def test_policies_become_agents_and_ready_status() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    _add_policy(api, "dns", {"namespaceSelector": {}, "protocols": ["DNS"]})
+    result = await rec.reconcile_once()
+    assert result.applied and result.error is None
+    for res in (kube.DAEMONSETS, kube.CONFIGMAPS, kube.SERVICEACCOUNTS):
+        (obj,) = api.items(res)
+        assert [o["name"] for o in obj["metadata"]["ownerReferences"]] == ["dns", "web"]
+    assert _conditions(api, "web")["Ready"] == ("False", "AgentsProgressing")
+
+    _run_agents(api, "n1", "n2")
+    await rec.reconcile_once()
+    assert _conditions(api, "web") == {
+        "Ready": ("True", "AgentsReady"),
+        "Degraded": ("False", "AsExpected"),
+        "Expired": ("False", "NoTimeLimit"),
+    }
+    status = api.objects[("probepolicies", None, "web")]["status"]
+    assert (status["nodes"], status["observedGeneration"]) == ("2/2", 1)
+    assert ("web", "Normal", "AgentsReady") in _events(api)
+
+
+@sync
+async def test_a_second_run_writes_nothing() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    await rec.reconcile_once()
+    _run_agents(api, "n1")
+    await rec.reconcile_once()
+    writes, events = len(api.writes), len(_events(api))
+    await rec.reconcile_once()
+    assert len(api.writes) == writes and len(_events(api)) == events
+
+
+@sync
+async def test_drift_is_repaired() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    await rec.reconcile_once()
+    ds = api.objects[("daemonsets", NS, AGENT)]
+    ds["spec"]["template"]["spec"]["hostNetwork"] = False
+    del api.objects[("configmaps", NS, AGENT)]
+    await rec.reconcile_once()
+    assert api.objects[("daemonsets", NS, AGENT)]["spec"]["template"]["spec"]["hostNetwork"] is True
+    assert ("configmaps", NS, AGENT) in api.objects
+
+
+@sync
+async def test_last_policy_gone_removes_agents_and_reports() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    await rec.reconcile_once()
+    _run_agents(api, "n1")
+    del api.objects[("probepolicies", None, "web")]
+    result = await rec.reconcile_once()
+    assert not result.applied
+    for res in (kube.DAEMONSETS, kube.CONFIGMAPS, kube.SERVICEACCOUNTS, kube.LEASES):
+        assert api.items(res) == []
+
+
+@sync
+async def test_invalid_and_expired_policies_alone_mean_no_agents() -> None:
+    api = FakeKube()
+    rec = _reconciler(api, defaultExport=None)
+    _add_policy(api, "noexport")
+    _add_policy(
+        api, "old", {"namespaceSelector": {}, "timeLimit": {"endTime": "2025-01-01T00:00:00Z"}}
+    )
+    await rec.reconcile_once()
+    assert api.items(kube.DAEMONSETS) == []
+    assert _conditions(api, "noexport")["Ready"] == ("False", "NoExportEndpoint")
+    assert _conditions(api, "old")["Expired"] == ("True", "EndTimeReached")
+    assert ("noexport", "Warning", "NoExportEndpoint") in _events(api)
+
+
+@sync
+async def test_unmanaged_policy_status_is_left_alone() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    await rec.reconcile_once()
+    before = copy.deepcopy(api.objects[("probepolicies", None, "web")]["status"])
+    pol = api.objects[("probepolicies", None, "web")]
+    pol["spec"] = {"namespaceSelector": {}, "samplingPercent": 1, "managementState": "Unmanaged"}
+    pol["metadata"]["generation"] = 2
+    await rec.reconcile_once()
+    assert api.objects[("probepolicies", None, "web")]["status"] == before
+    cm = api.objects[("configmaps", NS, AGENT)]
+    assert '"samplingPercent": 100' in cm["data"]["policies.json"]
+
+
+@sync
+async def test_api_errors_end_up_in_status_not_in_a_crash() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    api.fail[("apply", "daemonsets")] = KubeError("PATCH", "/apis/apps/...", 403, "forbidden")
+    result = await rec.reconcile_once()
+    assert result.error is not None and "forbidden" in result.error
+    assert _conditions(api, "web")["Ready"] == ("False", "ReconcileFailed")
+    assert ("web", "Warning", "ReconcileFailed") in _events(api)
+    del api.fail[("apply", "daemonsets")]
+    await rec.reconcile_once()
+    assert api.items(kube.DAEMONSETS)
+
+
+@sync
+async def test_concurrent_requests_share_runs() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    runs = 0
+    original = rec.reconcile_once
+
+    async def counting() -> Any:
+        nonlocal runs
+        runs += 1
+        await asyncio.sleep(0.01)
+        return await original()
+
+    rec.reconcile_once = counting  # type: ignore[method-assign]
+    await asyncio.gather(*(rec.request() for _ in range(20)))
+    assert 1 <= runs <= 2
+    before = runs
+    await rec.request(max_age=60)  # periodic resync right after a run: skipped
+    assert runs == before
+    await rec.request()
+    assert runs == before + 1
+
+
+@sync
+async def test_time_limits_override_the_resync_interval() -> None:
+    api = FakeKube()
+    now = [NOW]
+    rec = Reconciler(api, make_config(), clock=lambda: now[0], debounce=0)
+    rec.active = True
+    _add_policy(
+        api, "web", {"namespaceSelector": {}, "timeLimit": {"endTime": "2026-01-01T00:31:00Z"}}
+    )
+    await rec.request()
+    assert api.items(kube.DAEMONSETS)
+    now[0] = NOW + datetime.timedelta(minutes=2)
+    await rec.request(max_age=3600)
+    assert api.items(kube.DAEMONSETS) == []
+    assert _conditions(api, "web")["Expired"] == ("True", "EndTimeReached")
+
+
+@sync
+async def test_a_standby_replica_does_nothing() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    rec.active = False
+    _add_policy(api, "web")
+    await rec.request()
+    assert api.writes == []
+
+
+def test_event_filters() -> None:
+    rec = _reconciler(FakeKube())
+    assert rec.policy_changed(None, "u1", 1)
+    assert not rec.policy_changed("MODIFIED", "u1", 1)  # status-only update
+    assert rec.policy_changed("MODIFIED", "u1", 2)
+    assert rec.policy_changed("DELETED", "u1", 2)
+    assert rec.child_changed("MODIFIED", "DaemonSet", "5")  # status matters
+    assert rec.child_changed("MODIFIED", "ConfigMap", "5")
+    rec._applied["ConfigMap"] = "5"
+    assert not rec.child_changed("MODIFIED", "ConfigMap", "5")  # our own write echoed
+    assert rec.child_changed("DELETED", "ConfigMap", "5")
+
+
+@pytest.fixture(autouse=True)
+def _no_real_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Retries of the real client never run here; keep the suite instant anyway.
+    monkeypatch.setattr(kube, "_RETRY_DELAYS", ())
