@@ -12,7 +12,7 @@ help:
 	@echo "make demo       capture real traffic between namespace 'pods' and print the summary"
 	@echo "make test       install what is missing, lint, typecheck and run every test suite"
 	@echo "make test-fast  unit tests only (no root, no network namespaces, no builds)"
-	@echo "make bench      offline and live throughput against raw tshark"
+	@echo "make bench      offline and live throughput against raw tshark, and the cost of OTLP export"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -46,7 +46,7 @@ test-fast: venv
 demo: deps
 	$(PY) -m flowprobe.devenv.demo
 
-bench: deps
+bench: deps backends-tools
 	$(PY) -m flowprobe.devenv.bench
 	$(PY) -m flowprobe.devenv.livebench
 

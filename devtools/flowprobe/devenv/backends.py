@@ -517,6 +517,25 @@ class LocalBackends:
             raise BackendError(f"prometheus query {promql!r}: {doc}")
         return list(doc["data"]["result"])
 
+    def prom_query_range(
+        self, promql: str, start: float, end: float, step: float
+    ) -> list[dict[str, Any]]:
+        """Range query (what a Grafana time-series panel runs); ``[{"metric", "values"}]``.
+
+        ``start``/``end`` are Unix seconds.
+        """
+        params = {
+            "query": promql,
+            "start": f"{start:.3f}",
+            "end": f"{end:.3f}",
+            "step": f"{step:g}",
+        }
+        status, body = _get(f"{self.prometheus_url}/api/v1/query_range", params)
+        doc = _json(status, body, f"prometheus range query {promql!r}")
+        if doc.get("status") != "success":
+            raise BackendError(f"prometheus range query {promql!r}: {doc}")
+        return list(doc["data"]["result"])
+
     def otlp_file_records(self) -> list[dict[str, Any]]:
         """Parsed lines of :attr:`otlp_file`.
 

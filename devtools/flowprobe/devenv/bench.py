@@ -3,23 +3,47 @@
 The reference is tshark dissecting the same file with the same protocols,
 preferences and display filter but printing nothing (``-q``): the ceiling of
 any design that lets tshark dissect. Figures are medians of ``--runs`` runs.
+
+With export (the default; ``--no-export`` skips it), each run also reads the
+file with OTLP export on, to the local collector (``LocalBackends``: collector,
+Jaeger, Prometheus on loopback, as ``make backends``), and reports that rate as
+a share of the offline rate measured in the same loop. The export run's clock
+stops when every span and the last metrics have been accepted by the collector
+(``Telemetry.close()``), with queues large enough that nothing is dropped: the
+rate is the whole pipeline's, not how fast exchanges can be queued. The
+collector and Jaeger run on the same machine and compete for its cores.
+
+Bytes on the wire are counted by a TCP proxy (``nsproxy``, in its own process)
+between the agent and the collector, on one more export run that is not part of
+the timing: TCP payload, i.e. HTTP/2 frames with the gRPC messages, both signals,
+without TCP/IP headers. The collector's own metrics count spans and points, not
+bytes, at the telemetry level its config uses.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from flowprobe.agent.capture.tshark import Tools, read_file
-from flowprobe.agent.config import AgentConfig
+from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
+from flowprobe.agent.export import otlp
+from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.stats import Stats
+from flowprobe.devenv.backends import LocalBackends
 from flowprobe.devenv.pcapgen import write_pcap
 
 CACHE = Path(os.environ.get("FLOWPROBE_CACHE", Path.home() / ".cache" / "flowprobe")) / "bench"
@@ -67,12 +91,110 @@ def run_agent(tools: Tools, path: Path) -> tuple[float, int]:
     return time.perf_counter() - t0, exchanges
 
 
+def _cpu_s() -> float:
+    """This process's CPU seconds (user + system): the agent's Python, without tshark."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass
+class ExportRun:
+    seconds: float
+    exchanges: int
+    cpu_s: float
+    spans_exported: int
+    spans_dropped: int
+    exchanges_dropped: int
+    failed_requests: dict[str, int]
+
+
+def run_agent_export(tools: Tools, path: Path, endpoint: str, compression: str) -> ExportRun:
+    """``run_agent`` with OTLP export; the clock stops once the collector has everything."""
+    exchanges = 0
+
+    def count(_ex: object) -> None:
+        nonlocal exchanges
+        exchanges += 1
+
+    export = ExportConfig(
+        otlp=OtlpConfig(endpoint=endpoint, insecure=True, compression=compression),
+        # Lossless: a drop would make the run faster and the figure meaningless.
+        queue_size=1_000_000,
+        span_queue_size=1_000_000,
+        shutdown_timeout_seconds=600,
+    )
+    stats = Stats()
+    spans, metrics = otlp.exporters(export, env={})
+    telemetry = Telemetry(export, stats, spans, metrics, wall_clock_release=False)
+    pipeline = Pipeline(
+        AgentConfig(export=export), Sinks(exchange=[count, telemetry.submit]), stats
+    )
+    cpu0, t0 = _cpu_s(), time.perf_counter()
+    telemetry.start()
+    rows = read_file(tools, str(path), pipeline.tshark_options)
+    pipeline.feed(rows)
+    pipeline.finish()
+    telemetry.close()
+    c = telemetry.counters
+    return ExportRun(
+        time.perf_counter() - t0,
+        exchanges,
+        _cpu_s() - cpu0,
+        c.spans_exported,
+        sum(c.spans_dropped.values()),
+        sum(c.exchanges_dropped.values()),
+        dict(c.export_failures),
+    )
+
+
+@contextlib.contextmanager
+def counting_proxy(target_port: int) -> Iterator[tuple[int, dict[str, int]]]:
+    """A byte-counting forwarder to 127.0.0.1:``target_port`` in its own process.
+
+    Yields its port and a dict filled with ``up``/``down``/``connections`` on exit.
+    A separate process, so its copying does not take the measured agent's GIL.
+    """
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flowprobe.devenv.nsproxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--target",
+            f"127.0.0.1:{target_port}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    counts: dict[str, int] = {}
+    try:
+        port = int(json.loads(proc.stdout.readline())["port"])
+        yield port, counts
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        lines = out.strip().splitlines()
+        if lines:
+            counts.update(json.loads(lines[-1]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--http", type=int, default=100_000)
     ap.add_argument("--redis", type=int, default=20_000)
     ap.add_argument("--pg", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--no-export", action="store_true", help="skip the runs with OTLP export to the collector"
+    )
+    ap.add_argument(
+        "--otlp-compression",
+        choices=("none", "gzip"),
+        default="none",
+        help="compression of the export runs (the agent's default is none)",
+    )
     args = ap.parse_args()
     tools = Tools.find()
     path, packets = bench_pcap(args.http, args.redis, args.pg)
@@ -86,11 +208,32 @@ def main() -> None:
         f"{args.redis} Redis, {args.pg} PostgreSQL)"
     )
     pipeline = Pipeline(AgentConfig(), Sinks(), Stats())
-    raw_t, agent_t, seen = [], [], 0
-    for _ in range(args.runs):
-        raw_t.append(run_raw(tools, pipeline, path))
-        t, seen = run_agent(tools, path)
-        agent_t.append(t)
+    otlp.quiet_sdk_export_logs()
+    with contextlib.ExitStack() as stack:
+        backends = None
+        if not args.no_export:
+            # Prometheus at a production-like interval: at the tests' 1 s the
+            # collector would re-render thousands of series every second, on
+            # the cores the measured agent needs.
+            backends = stack.enter_context(LocalBackends(otlp_file=False, scrape_interval="15s"))
+        raw_t, agent_t, agent_cpu, exports, seen = [], [], [], [], 0
+        for _ in range(args.runs):
+            raw_t.append(run_raw(tools, pipeline, path))
+            cpu0 = _cpu_s()
+            t, seen = run_agent(tools, path)
+            agent_cpu.append(_cpu_s() - cpu0)
+            agent_t.append(t)
+            if backends is not None:
+                exports.append(
+                    run_agent_export(tools, path, backends.otlp_grpc, args.otlp_compression)
+                )
+        wire: tuple[ExportRun, dict[str, int]] | None = None
+        if backends is not None:
+            with counting_proxy(backends.ports.otlp_grpc) as (port, counts):
+                wired = run_agent_export(
+                    tools, path, f"http://127.0.0.1:{port}", args.otlp_compression
+                )
+            wire = wired, counts
     raw, agent = statistics.median(raw_t), statistics.median(agent_t)
     rss_self = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
     rss_child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
@@ -104,6 +247,50 @@ def main() -> None:
         f"ratio agent / raw tshark:          {raw / agent:7.1%}   (exchanges reported: {seen} of {total})"
     )
     print(f"peak RSS: agent Python {rss_self} MB, largest tshark {rss_child} MB")
+    if exports:
+        _report_export(exports, agent, statistics.median(agent_cpu), total, wire, args)
+
+
+def _report_export(
+    exports: list[ExportRun],
+    agent_s: float,
+    agent_cpu_s: float,
+    total: int,
+    wire: tuple[ExportRun, dict[str, int]] | None,
+    args: argparse.Namespace,
+) -> None:
+    med = statistics.median(e.seconds for e in exports)
+    cpu = statistics.median(e.cpu_s for e in exports)
+    last = exports[-1]
+    dropped = [e.spans_dropped + e.exchanges_dropped for e in exports]
+    failed = [e.failed_requests for e in exports]
+    print(
+        f"read + OTLP export (gRPC, {args.otlp_compression}): {med:7.2f} s  "
+        f"{total / med:9.0f} exchanges/s   (spans exported {last.spans_exported}, "
+        f"{last.spans_exported / max(last.exchanges, 1):.2f}/exchange; "
+        + ("nothing dropped" if not any(dropped) else f"DROPPED per run: {dropped}")
+        + ("" if not any(failed) else f"; failed requests per run: {failed}")
+        + ")"
+    )
+    share = agent_s / med
+    verdict = "meets" if share >= 0.7 else "misses"
+    print(
+        f"export rate / offline rate:        {share:7.1%}   (export costs {1 - share:.1%} of the "
+        f"offline rate; target at most 30%: {verdict} it)"
+    )
+    print(
+        f"agent CPU per 1000 exchanges:      {1000 * agent_cpu_s / total:7.3f} s offline, "
+        f"{1000 * cpu / total:.3f} s with export (this process: Python threads, not tshark)"
+    )
+    if wire is not None:
+        run, counts = wire
+        up, down = counts.get("up", 0), counts.get("down", 0)
+        print(
+            f"OTLP on the wire:                  {up / total:7.0f} bytes/exchange agent -> "
+            f"collector, {down / total:.0f} back ({up / max(run.spans_exported, 1):.0f} "
+            f"bytes/span; {up / 1e6:.1f} MB in {counts.get('connections', 0)} connections; "
+            "TCP payload counted by a proxy on one more, untimed run)"
+        )
 
 
 if __name__ == "__main__":

@@ -58,12 +58,17 @@ def main() -> None:
         t.start()
     rcodes: Counter[str] = Counter()
     if args.dns_server:
+        # Spread over the HTTP load rather than in one burst at the start, so
+        # that metrics exported every few seconds see lookups all along.
+        dns_interval = max(0.01, args.requests / args.rate / max(args.dns, 1))
+        next_dns = time.monotonic()
         for i in range(args.dns):
             name = "api.demo.local" if i % 5 else f"missing{i}.demo.local"
             q = dns.message.make_query(name, "A")
             r = dns.query.udp(q, args.dns_server, timeout=2)
             rcodes[dns.rcode.to_text(r.rcode())] += 1
-            time.sleep(0.01)
+            next_dns += dns_interval
+            time.sleep(max(0.0, next_dns - time.monotonic()))
     for t in threads:
         t.join()
     print(json.dumps({"http": dict(sent), "dns": dict(rcodes)}))

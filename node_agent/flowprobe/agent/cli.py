@@ -324,6 +324,9 @@ def _telemetry(export: ExportConfig, stats: Stats, live: bool) -> Telemetry | No
     span_exporter, metric_exporter = otlp.exporters(export)
     if span_exporter is None and metric_exporter is None:
         return None
+    interval = otlp.metric_interval(export)
+    if interval != export.metric_interval_seconds:
+        export = export.model_copy(update={"metric_interval_seconds": interval})
     return Telemetry(
         export,
         stats,

@@ -150,6 +150,35 @@ def test_a_call_outside_the_request_or_past_the_window_is_not_linked() -> None:
     assert before_c.parent is None
 
 
+def test_a_long_run_of_sequential_requests_links_every_call() -> None:
+    """One request at a time, far more of them than the scan limit: each call has one parent.
+
+    The older requests all ended before the call, which the linker proves from the
+    longest request held instead of leaving the call unlinked (``scan_limit``).
+    """
+    exs: list[Exchange] = []
+    n = 3 * Linker.SCAN_LIMIT
+    for k in range(n):
+        t = T0 + k * 10 * MS
+        exs.append(
+            exchange(
+                "redis",
+                client=(API, 41000),
+                server=(REDIS, 6379),
+                start_us=t + 2 * MS,
+                end_us=t + 3 * MS,
+                attrs={"db.operation.name": "GET"},
+            )
+        )
+        exs.append(
+            exchange(client=(FRONTEND, 40000), server=(API, 8080), start_us=t, end_us=t + 5 * MS)
+        )
+    exs.sort(key=lambda e: e.end_us)
+    _, _, tel = run_telemetry(exs)
+    assert tel.linker.counts["linked"] == n
+    assert tel.linker.counts["scan_limit"] == tel.linker.counts["ambiguous"] == 0
+
+
 def test_held_exchanges_are_bounded() -> None:
     finals: list[Node] = []
     factory = NodeFactory(b"x")

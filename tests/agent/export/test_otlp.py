@@ -113,6 +113,16 @@ def test_signals_can_be_turned_off_and_bad_values_are_errors(tmp_path: Path) -> 
         resolve(OtlpConfig(endpoint="collector:4318", protocol="http/protobuf"), "traces", {})
 
 
+def test_metric_interval_from_configuration_then_the_sdk_variable() -> None:
+    env = {"OTEL_METRIC_EXPORT_INTERVAL": "5000"}
+    assert otlp.metric_interval(ExportConfig(), {}) == 15.0
+    assert otlp.metric_interval(ExportConfig(), env) == 5.0
+    assert otlp.metric_interval(ExportConfig(metric_interval_seconds=30), env) == 30.0
+    for bad in ("soon", "0", "-5"):
+        with pytest.raises(OtlpConfigError):
+            otlp.metric_interval(ExportConfig(), {"OTEL_METRIC_EXPORT_INTERVAL": bad})
+
+
 def test_exporter_classes_follow_the_protocol() -> None:
     spans, metrics = otlp.exporters(
         ExportConfig(otlp=OtlpConfig(endpoint="http://127.0.0.1:4317")), {}

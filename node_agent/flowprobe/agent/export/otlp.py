@@ -183,6 +183,26 @@ def resolve(
     return settings
 
 
+def metric_interval(export: ExportConfig, env: Mapping[str, str] | None = None) -> float:
+    """Seconds between metric exports: the configuration if it sets one, else the SDK's
+    ``OTEL_METRIC_EXPORT_INTERVAL`` (milliseconds), else the configuration's default."""
+    env = os.environ if env is None else env
+    if "metric_interval_seconds" in export.model_fields_set:
+        return export.metric_interval_seconds
+    text = env.get("OTEL_METRIC_EXPORT_INTERVAL", "").strip()
+    if not text:
+        return export.metric_interval_seconds
+    try:
+        seconds = float(text) / 1000.0
+    except ValueError:
+        raise OtlpConfigError(f"OTEL_METRIC_EXPORT_INTERVAL: not a number: {text!r}") from None
+    if not 0 < seconds <= 3600:
+        raise OtlpConfigError(
+            "OTEL_METRIC_EXPORT_INTERVAL must be between 1 and 3600000 (milliseconds)"
+        )
+    return seconds
+
+
 def _grpc_credentials(s: SignalSettings) -> grpc.ChannelCredentials | None:
 
     if s.insecure or not (s.certificate or s.client_certificate):

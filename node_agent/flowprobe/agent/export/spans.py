@@ -357,6 +357,10 @@ class Linker:
         self.max_parents = max_parents
         # Per server address, sorted by start time.
         self._parents: dict[str, list[Node]] = {}
+        # Per server address, the longest request held: a request that started
+        # more than that before a call ended cannot outlast the call, which
+        # proves uniqueness without scanning every older request.
+        self._longest: dict[str, int] = {}
         self._n_parents = 0
         self._prune_at = 1024
         self.counts: dict[str, int] = {
@@ -378,8 +382,12 @@ class Linker:
         if node.can_be_parent:
             # Parents arrive in end order, so the insertion point is usually
             # near the tail.
-            bisect.insort(self._parents.setdefault(node.server_address, []), node, key=_start)
+            addr = node.server_address
+            bisect.insort(self._parents.setdefault(addr, []), node, key=_start)
             self._n_parents += 1
+            duration = node.end_us - node.start_us
+            if duration > self._longest.get(addr, -1):
+                self._longest[addr] = duration
         if not node.client_span_id:
             # No caller span: nothing to hang under a parent.
             self._finalize(node, 0)
@@ -410,16 +418,22 @@ class Linker:
         while self._waiting:
             self._decide(heapq.heappop(self._waiting)[2])
         self._parents.clear()
+        self._longest.clear()
         self._n_parents = 0
 
     def _decide(self, node: Node) -> None:
         found: list[Node] = []
         lst = self._parents.get(node.client_address)
         if lst:
-            # Requests that started before the call, the most recent first.
+            # Requests that started before the call, the most recent first;
+            # from one that started before `reach` on, none can end after the
+            # call (they are no longer than the longest), so the scan stops.
+            reach = node.end_us - self._longest[node.client_address]
             i = bisect.bisect_left(lst, node.start_us, key=_start)
             for j in range(i - 1, max(-1, i - 1 - self.SCAN_LIMIT), -1):
                 p = lst[j]
+                if p.start_us < reach:
+                    break
                 if p.end_us > node.end_us:
                     found.append(p)
                     if len(found) == 2:
@@ -486,6 +500,9 @@ class Linker:
             n = sum(len(lst) for lst in kept.values())
             self.counts["parents_dropped"] -= n
         self._parents = kept
+        # Recomputed from what is left, so one slow request long gone does not
+        # keep every later scan long.
+        self._longest = {a: max(p.end_us - p.start_us for p in lst) for a, lst in kept.items()}
         self._n_parents = n
         self._prune_at = max(1024, 2 * n)
 
