@@ -8,6 +8,9 @@
 #                       skipped with a message when none works)
 #   make e2e-kind       images + kind cluster + chart + sample app + spans in Jaeger
 #   make operator-run   run the operator locally against $KUBECONFIG
+#   make bench-operator one ProbePolicy on a local cluster of 200 kwok nodes and 5,000
+#                       pods: time to Ready, operator CPU and RSS (docs/performance.md;
+#                       BENCH_OPERATOR_ARGS="--nodes 20 --pods 500" for a quick run)
 
 OPERATOR_ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/../..)
 OPERATOR_PYTHON ?= python3
@@ -16,10 +19,13 @@ CHART_DIR := $(OPERATOR_ROOT)/charts/flowprobe
 # Images are tagged with the chart's appVersion, which the chart deploys by default.
 IMAGE_TAG ?= $(shell sed -n 's/^appVersion: *"\{0,1\}\([^"]*\)"\{0,1\}$$/\1/p' $(CHART_DIR)/Chart.yaml)
 IMAGE_REPOSITORY ?= flowprobe
+# The project venv's python when it exists (the bench imports kopf, kubernetes, pydantic).
+BENCH_OPERATOR_PYTHON ?= $(if $(wildcard $(OPERATOR_ROOT)/.venv/bin/python),$(OPERATOR_ROOT)/.venv/bin/python,python3)
+BENCH_OPERATOR_ARGS ?=
 # Namespace for `make operator-run`.
 OPERATOR_NAMESPACE ?= flowprobe-system
 
-.PHONY: crds-sync crds-check helm-lint images e2e-kind operator-run
+.PHONY: crds-sync crds-check helm-lint images e2e-kind operator-run bench-operator
 
 crds-sync:
 	rm -f $(CHART_DIR)/crds/*.yaml
@@ -51,3 +57,6 @@ operator-run:
 	FLOWPROBE_NAMESPACE=$(OPERATOR_NAMESPACE) PYTHONPATH=$(OPERATOR_PYTHONPATH) \
 	  $(OPERATOR_PYTHON) -m kopf run --module=flowprobe.controller --standalone \
 	  --namespace=$(OPERATOR_NAMESPACE) --liveness=http://127.0.0.1:8080/healthz --verbose
+
+bench-operator:
+	PYTHONPATH=$(OPERATOR_PYTHONPATH) $(BENCH_OPERATOR_PYTHON) -m flowprobe.devenv.operatorbench $(BENCH_OPERATOR_ARGS)
