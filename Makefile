@@ -46,9 +46,10 @@ test-fast: venv
 demo: deps
 	$(PY) -m flowprobe.devenv.demo
 
-bench: deps backends-tools
+bench: deps backends-tools cluster-tools
 	$(PY) -m flowprobe.devenv.bench
 	$(PY) -m flowprobe.devenv.livebench
+	$(MAKE) bench-operator
 
 bench-live: deps
 	$(PY) -m flowprobe.devenv.livebench
