@@ -50,9 +50,10 @@ class Pipeline:
             # protocols (h2c has none; gRPC's 50051 is only a convention).
             for port in (*p.default_ports, *config.ports.get(p.name, ())):
                 server_ports[port] = p.name
-                rule = (f"{p.transport}.port=={port}", p.tshark_name)
-                if rule not in decode_as:
-                    decode_as.append(rule)
+                for transport in p.transports:
+                    rule = (f"{transport}.port=={port}", p.tshark_name)
+                    if rule not in decode_as:
+                        decode_as.append(rule)
         self.tshark_options = TsharkOptions(
             layout=self.layout,
             decode_as=decode_as,

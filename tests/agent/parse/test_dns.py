@@ -14,7 +14,7 @@ import pytest
 from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.config import AgentConfig
 from flowprobe.agent.parse.dns import FIELDS, DnsParser, rcode_name, rr_types
-from flowprobe.agent.parse.registry import build_parsers
+from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.devenv.pcapgen import ACK, PSH
 from tests.agent.helpers import DATA, close, conn, handshake, read_pcap, run_pcap, write
 
@@ -115,9 +115,9 @@ def test_custom_port_needs_decode_as_for_tcp() -> None:
     ]
 
 
-def test_registry_builds_a_dns_parser_per_transport() -> None:
-    parsers = [p for p in build_parsers(AgentConfig()) if p.name == "dns"]
-    assert sorted(p.transport for p in parsers) == ["tcp", "udp"]
+def test_dns_ports_are_decoded_over_udp_and_tcp() -> None:
+    rules = Pipeline(AgentConfig(ports={"dns": (5300,)}), Sinks()).tshark_options.decode_as
+    assert ("udp.port==5300", "dns") in rules and ("tcp.port==5300", "dns") in rules
 
 
 # -- hand-made columns ------------------------------------------------------

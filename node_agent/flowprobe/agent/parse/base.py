@@ -22,7 +22,8 @@ class Parser(Protocol):
     tshark_name: str
     layer: str
     default_ports: tuple[int, ...]
-    transport: str
+    # Transports the protocol runs over; decode-as rules are made for each.
+    transports: tuple[str, ...]
     fields: tuple[str, ...]
 
     def bind(self, layout: ColumnLayout) -> None:

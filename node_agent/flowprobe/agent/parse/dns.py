@@ -16,11 +16,8 @@ answer). Any response code other than NOERROR makes the outcome ``error``.
 tshark prints value-string fields resolved ("A (Host Address)", "No such name",
 "Message is a response"); they are mapped back to the wire names here.
 
-One parser object serves one transport because ``Parser.transport`` drives
-tshark's decode-as for extra ports (``udp.port==N`` or ``tcp.port==N``); the
-registry builds one for UDP and one for TCP, both named ``dns``, so
-``--port dns=5300`` decodes both. They share the ``dns`` layer, so either one
-parses every DNS packet.
+DNS runs over UDP and TCP, so ``--port dns=5300`` makes decode-as rules for
+both (``Parser.transports``).
 """
 
 from __future__ import annotations
@@ -108,11 +105,9 @@ class DnsParser:
     layer = "dns"
     default_ports: tuple[int, ...] = (53,)
     fields: tuple[str, ...] = FIELDS
+    transports: tuple[str, ...] = ("udp", "tcp")
 
-    def __init__(self, transport: str = "udp") -> None:
-        if transport not in ("udp", "tcp"):
-            raise ValueError(f"DNS runs over udp or tcp, not {transport}")
-        self.transport = transport
+    def __init__(self) -> None:
         self._idx: tuple[int, ...] = ()
 
     def bind(self, layout: ColumnLayout) -> None:

@@ -33,7 +33,7 @@ class Http1Parser:
     tshark_name = "http"
     layer = "http"
     default_ports: tuple[int, ...] = (80, 8080, 8000)
-    transport = "tcp"
+    transports: tuple[str, ...] = ("tcp",)
     fields: tuple[str, ...] = FIELDS
 
     def __init__(self, keep_user_agent: bool = False) -> None:

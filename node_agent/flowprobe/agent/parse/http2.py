@@ -284,7 +284,7 @@ class Http2Parser:
     layer = "http2"
     # No port is h2c's by standard; 50051 is gRPC's conventional one.
     default_ports: tuple[int, ...] = (50051,)
-    transport = "tcp"
+    transports: tuple[str, ...] = ("tcp",)
     fields: tuple[str, ...] = FIELDS + tuple(f for f, _ in REQUEST_FIELDS)
 
     def __init__(self, keep_user_agent: bool = False) -> None:

@@ -164,7 +164,7 @@ class MysqlParser:
     tshark_name = "mysql"
     layer = "mysql"
     default_ports: tuple[int, ...] = (3306,)
-    transport = "tcp"
+    transports: tuple[str, ...] = ("tcp",)
     fields: tuple[str, ...] = FIELDS
 
     def __init__(self, raw_query_text: bool = False) -> None:

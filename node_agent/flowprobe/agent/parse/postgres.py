@@ -347,7 +347,7 @@ class PostgresParser:
     tshark_name = "pgsql"
     layer = "pgsql"
     default_ports: tuple[int, ...] = (5432,)
-    transport = "tcp"
+    transports: tuple[str, ...] = ("tcp",)
     fields: tuple[str, ...] = FIELDS
 
     def __init__(self, raw_query_text: bool = False) -> None:

@@ -188,7 +188,7 @@ class RedisParser:
     tshark_name = "resp"
     layer = "resp"
     default_ports: tuple[int, ...] = (6379,)
-    transport = "tcp"
+    transports: tuple[str, ...] = ("tcp",)
     fields: tuple[str, ...] = FIELDS
 
     def __init__(self, raw_query_text: bool = False) -> None:

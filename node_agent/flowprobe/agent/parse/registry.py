@@ -20,10 +20,7 @@ def build_parsers(config: AgentConfig) -> list[Parser]:
         RedisParser(raw_query_text=raw),
         PostgresParser(raw_query_text=raw),
         MysqlParser(raw_query_text=raw),
-        # One DNS parser per transport: Parser.transport drives decode-as, and
-        # DNS on a custom port needs it for UDP and for TCP.
-        DnsParser("udp"),
-        DnsParser("tcp"),
+        DnsParser(),
     ]
     enabled = set(config.protocols)
     return [p for p in parsers if p.name in enabled]
