@@ -20,7 +20,7 @@ import sys
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from opentelemetry.sdk.metrics.export import MetricExporter
@@ -229,64 +229,54 @@ def _grpc_compression(name: str) -> grpc.Compression:
     }[name]
 
 
-def span_exporter(s: SignalSettings) -> SpanExporter:
-    if s.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-            OTLPSpanExporter as GrpcSpanExporter,
-        )
+def _grpc_kwargs(s: SignalSettings) -> dict[str, Any]:
+    return {
+        "endpoint": s.endpoint,
+        "insecure": s.insecure,
+        "credentials": _grpc_credentials(s),
+        "headers": dict(s.headers),
+        "timeout": s.timeout_s,
+        "compression": _grpc_compression(s.compression),
+    }
 
-        return GrpcSpanExporter(
-            endpoint=s.endpoint,
-            insecure=s.insecure,
-            credentials=_grpc_credentials(s),
-            headers=dict(s.headers),
-            timeout=s.timeout_s,
-            compression=_grpc_compression(s.compression),
-        )
+
+def _http_kwargs(s: SignalSettings) -> dict[str, Any]:
     from opentelemetry.exporter.otlp.proto.http import Compression
+
+    return {
+        "endpoint": s.endpoint,
+        "certificate_file": s.certificate,
+        "client_key_file": s.client_key,
+        "client_certificate_file": s.client_certificate,
+        "headers": dict(s.headers),
+        "timeout": s.timeout_s,
+        "compression": Compression(s.compression),
+    }
+
+
+def span_exporter(s: SignalSettings) -> SpanExporter:
+    # Imported on use: only the chosen protocol's stack (grpcio or requests) loads.
+    if s.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(**_grpc_kwargs(s))
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
         OTLPSpanExporter as HttpSpanExporter,
     )
 
-    return HttpSpanExporter(
-        endpoint=s.endpoint,
-        certificate_file=s.certificate,
-        client_key_file=s.client_key,
-        client_certificate_file=s.client_certificate,
-        headers=dict(s.headers),
-        timeout=s.timeout_s,
-        compression=Compression(s.compression),
-    )
+    return HttpSpanExporter(**_http_kwargs(s))
 
 
 def metric_exporter(s: SignalSettings) -> MetricExporter:
     if s.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
-            OTLPMetricExporter as GrpcMetricExporter,
-        )
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
-        return GrpcMetricExporter(
-            endpoint=s.endpoint,
-            insecure=s.insecure,
-            credentials=_grpc_credentials(s),
-            headers=dict(s.headers),
-            timeout=s.timeout_s,
-            compression=_grpc_compression(s.compression),
-        )
-    from opentelemetry.exporter.otlp.proto.http import Compression
+        return OTLPMetricExporter(**_grpc_kwargs(s))
     from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
         OTLPMetricExporter as HttpMetricExporter,
     )
 
-    return HttpMetricExporter(
-        endpoint=s.endpoint,
-        certificate_file=s.certificate,
-        client_key_file=s.client_key,
-        client_certificate_file=s.client_certificate,
-        headers=dict(s.headers),
-        timeout=s.timeout_s,
-        compression=Compression(s.compression),
-    )
+    return HttpMetricExporter(**_http_kwargs(s))
 
 
 def exporters(
