@@ -18,6 +18,7 @@ declare -A NEED=(
   [capinfos]=tshark
   [nginx]=nginx-light
   [h2load]=nghttp2-client
+  [tcpdump]=tcpdump
 )
 missing=()
 for bin in "${!NEED[@]}"; do

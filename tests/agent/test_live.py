@@ -53,23 +53,7 @@ def pods() -> Iterator[tuple[Node, Pod, Pod]]:
 
 
 def _capture(node: Node, out: Path) -> subprocess.Popen[bytes]:
-    agent = node.spawn_node(
-        [
-            sys.executable,
-            "-m",
-            "flowprobe.agent",
-            "capture",
-            "-i",
-            "any",
-            "-f",
-            "inbound and tcp port 8080",
-            "--output",
-            str(out),
-        ],
-        stderr=subprocess.PIPE,
-    )
-    time.sleep(2.0)
-    return agent
+    return node.spawn_agent(["-i", "any", "-f", "inbound and tcp port 8080", "--output", str(out)])
 
 
 def _stop(agent: subprocess.Popen[bytes]) -> None:

@@ -37,7 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flowprobe.agent.capture.tshark import Tools, read_file
+from flowprobe.agent.capture.tshark import Tools, read_file, read_sharded
 from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
@@ -67,15 +67,17 @@ def bench_pcap(http: int, redis: int, pg: int) -> tuple[Path, int]:
 
 def run_raw(tools: Tools, pipeline: Pipeline, path: Path) -> float:
     args = pipeline.tshark_options.tshark_args(tools, str(path))
-    # Same dissection, no output: drop the column layout and print nothing.
+    # Same dissection, no output: drop the output format and the column layout.
     i = args.index("-T")
-    raw = [*args[:i], "-q", *args[i + 4 :]]
+    j = args.index("-o", i)
+    assert args[j + 1].startswith("gui.column.format:")
+    raw = [*args[:i], "-q", *args[j + 2 :]]
     t0 = time.perf_counter()
     subprocess.run(raw, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0
 
 
-def run_agent(tools: Tools, path: Path) -> tuple[float, int]:
+def run_agent(tools: Tools, path: Path, shards: int) -> tuple[float, int]:
     exchanges = 0
 
     def count(_ex: object) -> None:
@@ -85,7 +87,7 @@ def run_agent(tools: Tools, path: Path) -> tuple[float, int]:
     sinks = Sinks(exchange=[count])
     pipeline = Pipeline(AgentConfig(), sinks, Stats())
     t0 = time.perf_counter()
-    rows = read_file(tools, str(path), pipeline.tshark_options)
+    rows = read_sharded(tools, str(path), pipeline.tshark_options, shards)
     pipeline.feed(rows)
     pipeline.finish()
     return time.perf_counter() - t0, exchanges
@@ -187,6 +189,12 @@ def main() -> None:
     ap.add_argument("--pg", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument(
+        "--shards",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="the agent's --shards (tshark processes); one tshark is measured too",
+    )
+    ap.add_argument(
         "--no-export", action="store_true", help="skip the runs with OTLP export to the collector"
     )
     ap.add_argument(
@@ -216,13 +224,15 @@ def main() -> None:
             # collector would re-render thousands of series every second, on
             # the cores the measured agent needs.
             backends = stack.enter_context(LocalBackends(otlp_file=False, scrape_interval="15s"))
-        raw_t, agent_t, agent_cpu, exports, seen = [], [], [], [], 0
+        raw_t, agent_t, single_t, agent_cpu, exports, seen = [], [], [], [], [], 0
         for _ in range(args.runs):
             raw_t.append(run_raw(tools, pipeline, path))
             cpu0 = _cpu_s()
-            t, seen = run_agent(tools, path)
+            t, seen = run_agent(tools, path, args.shards)
             agent_cpu.append(_cpu_s() - cpu0)
             agent_t.append(t)
+            if args.shards > 1:
+                single_t.append(run_agent(tools, path, 1)[0])
             if backends is not None:
                 exports.append(
                     run_agent_export(tools, path, backends.otlp_grpc, args.otlp_compression)
@@ -240,8 +250,13 @@ def main() -> None:
     print(
         f"raw tshark (same dissection, -q):  {raw:7.2f} s  {total / raw:9.0f} exchanges/s  {packets / raw:9.0f} packets/s"
     )
+    if single_t:
+        single = statistics.median(single_t)
+        print(
+            f"flowprobe-agent read --shards 1:   {single:7.2f} s  {total / single:9.0f} exchanges/s  {packets / single:9.0f} packets/s  ({raw / single:.1%} of raw)"
+        )
     print(
-        f"flowprobe-agent read:              {agent:7.2f} s  {total / agent:9.0f} exchanges/s  {packets / agent:9.0f} packets/s"
+        f"flowprobe-agent read --shards {args.shards}:   {agent:7.2f} s  {total / agent:9.0f} exchanges/s  {packets / agent:9.0f} packets/s"
     )
     print(
         f"ratio agent / raw tshark:          {raw / agent:7.1%}   (exchanges reported: {seen} of {total})"

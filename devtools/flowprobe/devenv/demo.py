@@ -157,12 +157,8 @@ def run_demo(
         start_http(
             pods["api"], 8080, "flowprobe.devenv.demoapp", pods["redis"].ip, pods["postgres"].ip
         )
-        agent = node.spawn_node(
+        agent = node.spawn_agent(
             [
-                sys.executable,
-                "-m",
-                "flowprobe.agent",
-                "capture",
                 "--interface",
                 "any",
                 "--filter",
@@ -178,7 +174,6 @@ def run_demo(
             ],
             env=env,
         )
-        time.sleep(2.0)  # dumpcap opens the interface
         if export:
             print(f"exporting to {export.otlp_endpoint}; look at:\n{_where_to_look(export)}")
         print(

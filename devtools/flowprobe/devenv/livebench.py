@@ -16,7 +16,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -92,12 +91,8 @@ def run_rate(
     node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path
 ) -> dict[str, float]:
     stats_file = work / f"stats-{rate}.json"
-    agent = node.spawn_node(
+    agent = node.spawn_agent(
         [
-            sys.executable,
-            "-m",
-            "flowprobe.agent",
-            "capture",
             "-i",
             "any",
             "-f",
@@ -106,9 +101,8 @@ def run_rate(
             "/dev/null",
             "--stats",
             str(stats_file),
-        ],
+        ]
     )
-    time.sleep(2.5)
     pids = tree_pids(agent.pid)
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
     conns = 8 if rate >= 800 else 1
@@ -149,21 +143,9 @@ def run_rate(
 
 
 def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path) -> None:
-    agent = node.spawn_node(
-        [
-            sys.executable,
-            "-m",
-            "flowprobe.agent",
-            "capture",
-            "-i",
-            "any",
-            "-f",
-            "inbound and tcp port 8080",
-            "--output",
-            "/dev/null",
-        ],
+    agent = node.spawn_agent(
+        ["-i", "any", "-f", "inbound and tcp port 8080", "--output", "/dev/null"]
     )
-    time.sleep(2.5)
     load = subprocess.Popen(
         client.cmd(
             [

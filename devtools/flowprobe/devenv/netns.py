@@ -16,6 +16,8 @@ import os
 import secrets
 import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +127,40 @@ class Node:
         proc = subprocess.Popen(self.node_cmd(argv), start_new_session=True, **kwargs)  # type: ignore[call-overload]
         self.processes.append(proc)
         return proc  # type: ignore[no-any-return]
+
+    def spawn_agent(
+        self, args: Sequence[str], timeout: float = 60, **kwargs: object
+    ) -> subprocess.Popen[bytes]:
+        """``flowprobe-agent capture ARGS`` in the node namespace, returned once
+        it says it is capturing, so no traffic sent afterwards is missed. Its
+        further stderr goes to ours."""
+        proc = self.spawn_node(
+            [sys.executable, "-m", "flowprobe.agent", "capture", *args],
+            stderr=subprocess.PIPE,
+            **kwargs,
+        )
+        assert proc.stderr is not None
+        stderr = proc.stderr
+        deadline = time.monotonic() + timeout
+        seen: list[bytes] = []
+        while time.monotonic() < deadline:
+            line = stderr.readline()
+            if not line:
+                raise NetnsError(f"agent exited: {b''.join(seen).decode(errors='replace')}")
+            if line.startswith(b"flowprobe-agent: capturing on"):
+                break
+            seen.append(line)
+        else:
+            raise NetnsError(f"agent not capturing after {timeout}s")
+        sys.stderr.buffer.write(b"".join(seen))
+
+        def relay() -> None:
+            for line in iter(stderr.readline, b""):
+                sys.stderr.buffer.write(line)
+                sys.stderr.flush()
+
+        threading.Thread(target=relay, daemon=True).start()
+        return proc
 
     def add_pod(self, name: str, ip: str | None = None) -> Pod:
         index = len(self.pods)

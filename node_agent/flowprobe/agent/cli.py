@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools, read_file
+from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools, read_sharded
 from flowprobe.agent.config import ALL_PROTOCOLS, AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.jsonl import JsonLinesWriter
@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_options(common)
     rd = sub.add_parser("read", parents=[common], help="read pcap/pcapng files (gzip too)")
     rd.add_argument("files", nargs="+")
+    rd.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="tshark processes dissecting shares of the connections in parallel "
+        "(needs tcpdump; one per spare core; default 1)",
+    )
     cap = sub.add_parser("capture", parents=[common], help="capture live until interrupted")
     cap.add_argument(
         "--interface", "-i", action="append", required=True, help="interface (repeatable) or 'any'"
@@ -298,7 +305,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     code = EXIT_OK
     try:
         if args.command == "read":
-            code = _read(args.files, tools, pipeline, stats)
+            code = _read(args.files, tools, pipeline, stats, max(1, args.shards))
         else:
             code = _capture(args, tools, pipeline, stats, summary)
     finally:
@@ -337,11 +344,11 @@ def _telemetry(export: ExportConfig, stats: Stats, live: bool) -> Telemetry | No
     )
 
 
-def _read(files: Sequence[str], tools: Tools, pipeline: Pipeline, stats: Stats) -> int:
+def _read(files: Sequence[str], tools: Tools, pipeline: Pipeline, stats: Stats, shards: int) -> int:
     with _Progress(stats, sys.stderr.isatty()):
         for path in files:
             try:
-                rows = read_file(tools, path, pipeline.tshark_options)
+                rows = read_sharded(tools, path, pipeline.tshark_options, shards)
             except CaptureError as exc:
                 print(f"flowprobe-agent: {exc}", file=sys.stderr)
                 return EXIT_BAD_INPUT
@@ -365,6 +372,10 @@ def _capture(
     except CaptureError as exc:
         print(f"flowprobe-agent: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if live.wait_capturing(timeout=30):
+        print(f"flowprobe-agent: capturing on {', '.join(args.interface)}", file=sys.stderr)
+    else:
+        print("flowprobe-agent: dumpcap has not started capturing after 30 s", file=sys.stderr)
     stop = threading.Event()
 
     def _interrupt(_sig: int, _frame: object) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.capture.tshark import TsharkOptions
+from flowprobe.agent.capture.tshark import ShardedRows, TsharkOptions
 from flowprobe.agent.config import AgentConfig
 from flowprobe.agent.parse.base import Parser
 from flowprobe.agent.parse.registry import build_parsers
@@ -37,10 +37,9 @@ class Pipeline:
         self.config = config
         self.stats = stats or Stats()
         self.parsers: list[Parser] = build_parsers(config)
-        fields: list[str] = []
-        for p in self.parsers:
-            fields.extend(p.fields)
-        self.layout = ColumnLayout.build(fields)
+        own = [f for p in self.parsers if not p.shares_columns for f in p.fields]
+        shared = [p.fields for p in self.parsers if p.shares_columns]
+        self.layout = ColumnLayout.build(own, shared, [p.tshark_name for p in self.parsers])
         for p in self.parsers:
             p.bind(self.layout)
         server_ports: dict[int, str] = {}
@@ -59,21 +58,42 @@ class Pipeline:
             decode_as=decode_as,
             session_reset_packets=config.session_reset_packets,
         )
-        self.sessionizer = Sessionizer(
+        self._session_config = SessionConfig(
+            response_timeout_us=config.response_timeout_seconds * 1_000_000,
+            server_ports=server_ports,
+        )
+        self.sinks = sinks
+        # One per share of a sharded read (see ShardedRows); the first serves
+        # everything else.
+        self.sessionizers = [self._sessionizer()]
+
+    def _sessionizer(self) -> Sessionizer:
+        return Sessionizer(
             self.parsers,
-            sinks.on_exchange,
-            sinks.on_connection,
-            SessionConfig(
-                response_timeout_us=config.response_timeout_seconds * 1_000_000,
-                server_ports=server_ports,
-            ),
+            self.layout,
+            self.sinks.on_exchange,
+            self.sinks.on_connection,
+            self._session_config,
             self.stats,
         )
 
-    def feed(self, rows: Iterable[list[str]]) -> None:
-        process = self.sessionizer.process
+    def feed(self, rows: Iterable[list[str]] | ShardedRows) -> None:
+        if isinstance(rows, ShardedRows):
+            self._feed_shards(rows)
+            return
+        process = self.sessionizers[0].process
         for cols in rows:
             process(cols)
 
+    def _feed_shards(self, rows: ShardedRows) -> None:
+        while len(self.sessionizers) < rows.shards:
+            self.sessionizers.append(self._sessionizer())
+        processes = [s.process for s in self.sessionizers]
+        for shard, lines in rows.batches():
+            process = processes[shard]
+            for raw in lines:
+                process(raw.decode("utf-8", "replace").rstrip("\n").split("\t"))
+
     def finish(self) -> None:
-        self.sessionizer.finish()
+        for sessionizer in self.sessionizers:
+            sessionizer.finish()

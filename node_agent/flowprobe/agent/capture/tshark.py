@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import re
 import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +93,9 @@ class TsharkOptions:
             str(self.session_reset_packets),
             "-T",
             "tabs",
+            # The built-in time column as seconds since the epoch.
+            "-t",
+            "e",
             "-o",
             self.layout.tshark_option(),
             # Reassembled messages are what the parsers want.
@@ -135,6 +140,8 @@ class _StderrTail:
 
     def __init__(self, stream: object, lines: int = 20) -> None:
         self.lines: deque[str] = deque(maxlen=lines)
+        # Set on dumpcap's "Capturing on ..." line: its interfaces are open.
+        self.capturing = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -143,6 +150,8 @@ class _StderrTail:
             line = raw.decode("utf-8", "replace").rstrip()
             if line and "Running as user" not in line:
                 self.lines.append(line)
+            if line.startswith("Capturing on"):
+                self.capturing.set()
 
     def join(self) -> str:
         self._thread.join(timeout=2)
@@ -170,6 +179,10 @@ class TsharkRows:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
             yield raw.decode("utf-8", "replace").rstrip("\n").split("\t")
+        self.finish()
+
+    def finish(self) -> None:
+        """Wait for tshark to end after its output was read; set ``error``."""
         self.returncode = self.proc.wait()
         tail = self._stderr.join()
         if self.returncode != 0 or "cut short" in tail or "appears to be damaged" in tail:
@@ -196,11 +209,136 @@ def _summarise(stderr: str) -> str:
 
 def read_file(tools: Tools, path: str, options: TsharkOptions) -> TsharkRows:
     """Rows of an offline pcap/pcapng file (gzip-compressed too: tshark reads it as is)."""
+    _check_readable(path)
+    return TsharkRows(options.tshark_args(tools, path))
+
+
+def read_sharded(
+    tools: Tools, path: str, options: TsharkOptions, shards: int
+) -> TsharkRows | ShardedRows:
+    """``read_file``, or with ``shards`` > 1 and a file that is not compressed,
+    that many tshark processes, each dissecting its share of the connections."""
+    _check_readable(path)
+    if shards > 1:
+        with open(path, "rb") as f:
+            compressed = f.read(2) == b"\x1f\x8b"
+        if not compressed:
+            return ShardedRows(tools, path, options, shards)
+    return TsharkRows(options.tshark_args(tools, path))
+
+
+def _check_readable(path: str) -> None:
     if not os.path.exists(path):
         raise CaptureError(f"{path}: no such file")
     if not os.access(path, os.R_OK):
         raise CaptureError(f"{path}: permission denied")
-    return TsharkRows(options.tshark_args(tools, path))
+
+
+def shard_filter(shard: int, shards: int) -> str:
+    """The BPF filter of one of ``shards`` shares of the traffic.
+
+    Both directions of a connection land in the same share: the hash adds the
+    two IPv4 addresses and the two ports (a sum does not care about
+    direction); the ports are halved so that a client whose address and port
+    both count up (as generated captures do) does not cancel out. Share 0 is
+    everything the others do not take (IPv6, fragments, other protocols), so
+    nothing is lost.
+    """
+
+    def share(k: int) -> str:
+        return " or ".join(
+            f"({l4} and (ip[12:4] + ip[16:4] + (({l4}[0:2] + {l4}[2:2]) >> 1)) % {shards} = {k})"
+            for l4 in ("tcp", "udp")
+        )
+
+    if shard == 0:
+        return f"not ({' or '.join(share(k) for k in range(1, shards))})"
+    return share(shard)
+
+
+class ShardedRows:
+    """``tcpdump -r FILE -w - SHARE | tshark -r -`` per share, read in parallel.
+
+    tshark dissects on one core; with more cores, shares of the connections
+    (``shard_filter``) go to separate tshark processes. tcpdump selects a
+    share with a BPF filter for a fraction of what tshark spends per packet.
+    Rows come in batches tagged with their share, because each share needs its
+    own sessionizer: the shares advance through capture time at their own pace.
+    """
+
+    def __init__(self, tools: Tools, path: str, options: TsharkOptions, shards: int) -> None:
+        tcpdump = shutil.which("tcpdump") or "/usr/bin/tcpdump"
+        if not os.access(tcpdump, os.X_OK):
+            raise CaptureError(
+                "tcpdump not found: install it (Debian/Ubuntu: apt-get install tcpdump)"
+            )
+        self.shards = shards
+        self.error: str | None = None
+        self.splitters: list[subprocess.Popen[bytes]] = []
+        self.rows: list[TsharkRows] = []
+        for k in range(shards):
+            # Nanosecond output keeps the timestamps of pcapng files as they
+            # are; tshark's RTTs would otherwise differ by a microsecond.
+            splitter = subprocess.Popen(
+                [
+                    tcpdump,
+                    "--time-stamp-precision=nano",
+                    "-r",
+                    path,
+                    "-w",
+                    "-",
+                    shard_filter(k, shards),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            assert splitter.stdout is not None
+            self.rows.append(
+                TsharkRows(options.tshark_args(tools, "-"), stdin=splitter.stdout.fileno())
+            )
+            splitter.stdout.close()
+            self.splitters.append(splitter)
+        self._splitter_err = [_StderrTail(p.stderr) for p in self.splitters]
+
+    def batches(self) -> Iterator[tuple[int, list[bytes]]]:
+        """(share, raw tshark lines) as the shares produce them."""
+        batches: queue.Queue[tuple[int, list[bytes] | None]] = queue.Queue(maxsize=64)
+
+        def pump(k: int) -> None:
+            stdout = self.rows[k].proc.stdout
+            assert stdout is not None
+            for lines in iter(lambda: stdout.readlines(1 << 16), []):
+                batches.put((k, lines))
+            batches.put((k, None))
+
+        readers = [
+            threading.Thread(target=pump, args=(k,), daemon=True) for k in range(self.shards)
+        ]
+        for t in readers:
+            t.start()
+        running = self.shards
+        while running:
+            k, lines = batches.get()
+            if lines is None:
+                running -= 1
+            else:
+                yield k, lines
+        for k, rows in enumerate(self.rows):
+            rows.finish()
+            splitter_rc = self.splitters[k].wait()
+            tail = self._splitter_err[k].join()
+            if splitter_rc != 0 or "truncated" in tail:
+                self.error = self.error or _summarise(tail) or f"tcpdump exited with {splitter_rc}"
+            self.error = self.error or rows.error
+
+    def stop(self) -> None:
+        for splitter in self.splitters:
+            if splitter.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(splitter.pid, signal.SIGTERM)
+        for rows in self.rows:
+            rows.stop()
 
 
 class LiveCapture:
@@ -231,6 +369,15 @@ class LiveCapture:
         yield from self.rows
         if self.dumpcap.poll() not in (None, 0):
             self.rows.error = explain_dumpcap_error(self._dumpcap_err.join()) or self.rows.error
+
+    def wait_capturing(self, timeout: float) -> bool:
+        """Whether dumpcap opened its interfaces within ``timeout`` seconds;
+        from then on no packet is lost to the agent's own start-up."""
+        deadline = time.monotonic() + timeout
+        while self.dumpcap.poll() is None and time.monotonic() < deadline:
+            if self._dumpcap_err.capturing.wait(0.1):
+                return True
+        return self._dumpcap_err.capturing.is_set()
 
     def capture_counts(self) -> tuple[int, int] | None:
         """(received, dropped) from dumpcap's closing report, once it has exited."""

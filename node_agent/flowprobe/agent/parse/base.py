@@ -14,17 +14,19 @@ class Parser(Protocol):
 
     ``name`` is the protocol's name in records and configuration; ``tshark_name``
     the dissector (for decode-as and enabling); ``fields`` the tshark fields it
-    reads; ``layer`` the name tshark puts in ``frame.protocols`` when the packet
-    carries this protocol.
+    reads; tshark_name is also its protocol field.
     """
 
     name: str
     tshark_name: str
-    layer: str
     default_ports: tuple[int, ...]
     # Transports the protocol runs over; decode-as rules are made for each.
     transports: tuple[str, ...]
     fields: tuple[str, ...]
+    # Whether the fields may share tshark columns with other protocols' fields
+    # (see ColumnLayout.build): true unless a packet can carry this protocol
+    # together with another one the agent parses.
+    shares_columns: bool
 
     def bind(self, layout: ColumnLayout) -> None:
         """Resolve column indices once, before the first packet."""

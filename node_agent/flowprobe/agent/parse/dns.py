@@ -102,10 +102,10 @@ def _ints(column: str) -> list[int]:
 class DnsParser:
     name = "dns"
     tshark_name = "dns"
-    layer = "dns"
     default_ports: tuple[int, ...] = (53,)
     fields: tuple[str, ...] = FIELDS
     transports: tuple[str, ...] = ("udp", "tcp")
+    shares_columns = True
 
     def __init__(self) -> None:
         self._idx: tuple[int, ...] = ()

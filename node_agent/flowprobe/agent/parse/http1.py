@@ -31,9 +31,10 @@ def split_uri(uri: str) -> tuple[str, str | None]:
 class Http1Parser:
     name = "http"
     tshark_name = "http"
-    layer = "http"
     default_ports: tuple[int, ...] = (80, 8080, 8000)
     transports: tuple[str, ...] = ("tcp",)
+    # An upgrade to h2c puts HTTP/1.1 and HTTP/2 into one segment.
+    shares_columns = False
     fields: tuple[str, ...] = FIELDS
 
     def __init__(self, keep_user_agent: bool = False) -> None:

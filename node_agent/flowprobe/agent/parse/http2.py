@@ -281,10 +281,10 @@ def grpc_status_name(code: int) -> str:
 class Http2Parser:
     name = "http2"
     tshark_name = "http2"
-    layer = "http2"
     # No port is h2c's by standard; 50051 is gRPC's conventional one.
     default_ports: tuple[int, ...] = (50051,)
     transports: tuple[str, ...] = ("tcp",)
+    shares_columns = True
     fields: tuple[str, ...] = FIELDS + tuple(f for f, _ in REQUEST_FIELDS)
 
     def __init__(self, keep_user_agent: bool = False) -> None:

@@ -162,9 +162,9 @@ def _ints(value: str) -> list[int]:
 class MysqlParser:
     name = NAME
     tshark_name = "mysql"
-    layer = "mysql"
     default_ports: tuple[int, ...] = (3306,)
     transports: tuple[str, ...] = ("tcp",)
+    shares_columns = True
     fields: tuple[str, ...] = FIELDS
 
     def __init__(self, raw_query_text: bool = False) -> None:

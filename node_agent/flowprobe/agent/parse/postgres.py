@@ -345,9 +345,9 @@ def _is_error(code: str, severity: str, typ: str) -> bool:
 class PostgresParser:
     name = NAME
     tshark_name = "pgsql"
-    layer = "pgsql"
     default_ports: tuple[int, ...] = (5432,)
     transports: tuple[str, ...] = ("tcp",)
+    shares_columns = True
     fields: tuple[str, ...] = FIELDS
 
     def __init__(self, raw_query_text: bool = False) -> None:

@@ -186,9 +186,9 @@ class Outstanding:
 class RedisParser:
     name = "redis"
     tshark_name = "resp"
-    layer = "resp"
     default_ports: tuple[int, ...] = (6379,)
     transports: tuple[str, ...] = ("tcp",)
+    shares_columns = True
     fields: tuple[str, ...] = FIELDS
 
     def __init__(self, raw_query_text: bool = False) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowprobe.agent.capture import columns as c
+from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.base import Parser
 from flowprobe.agent.parse.messages import AttrValue, L7Message
 from flowprobe.agent.sessionize.records import Connection, Endpoints, Exchange, Outcome, TcpFigures
@@ -35,6 +36,9 @@ MAX_PENDING_PER_FLOW = 1024
 
 def parse_ts_us(s: str) -> int:
     sec, _, frac = s.partition(".")
+    if len(frac) >= 6:
+        # tshark's epoch time column: six or nine decimals.
+        return int(sec) * 1_000_000 + int(frac[:6])
     return int(sec) * 1_000_000 + int((frac + "000000")[:6])
 
 
@@ -84,6 +88,7 @@ class Flow:
         "last_us",
         "msg_snap",
         "msg_start",
+        "parser",
         "pending",
         "protocols",
         "state",
@@ -105,6 +110,7 @@ class Flow:
         self.msg_start: list[int | None] = [None, None]
         self.msg_snap: list[list[int] | None] = [None, None]
         self.pending: dict[Any, deque[Pending]] = {}
+        self.parser: tuple[Parser, int] | None = None
         self.state: dict[str, object] = {}
         self.protocols: list[str] = []
         self.exchanges = 0
@@ -133,27 +139,27 @@ class Flow:
 
 
 def figures(now: list[int], snap: list[int], client_side: int) -> TcpFigures:
-    d = [x - y for x, y in zip(now, snap, strict=True)]
     # Whole-connection figures count every packet; exchanges overwrite these
     # with their own messages' segments.
-    cp, sp = (d[PKT_A], d[PKT_B]) if client_side == 0 else (d[PKT_B], d[PKT_A])
-    cb, sb = (d[BYTES_A], d[BYTES_B]) if client_side == 0 else (d[BYTES_B], d[BYTES_A])
+    a, b = (PKT_A, PKT_B) if client_side == 0 else (PKT_B, PKT_A)
+    ba, bb = (BYTES_A, BYTES_B) if client_side == 0 else (BYTES_B, BYTES_A)
+    rtt_n = now[RTT_N] - snap[RTT_N]
     return TcpFigures(
-        client_packets=cp,
-        server_packets=sp,
-        client_bytes=cb,
-        server_bytes=sb,
-        retransmits=d[RETRANS],
-        out_of_order=d[OOO],
-        zero_window=d[ZWIN],
-        syn=d[NSYN],
-        fin=d[NFIN],
-        rst=d[NRST],
-        rtt_samples=d[RTT_N],
-        rtt_sum_us=d[RTT_SUM],
+        client_packets=now[a] - snap[a],
+        server_packets=now[b] - snap[b],
+        client_bytes=now[ba] - snap[ba],
+        server_bytes=now[bb] - snap[bb],
+        retransmits=now[RETRANS] - snap[RETRANS],
+        out_of_order=now[OOO] - snap[OOO],
+        zero_window=now[ZWIN] - snap[ZWIN],
+        syn=now[NSYN] - snap[NSYN],
+        fin=now[NFIN] - snap[NFIN],
+        rst=now[NRST] - snap[NRST],
+        rtt_samples=rtt_n,
+        rtt_sum_us=now[RTT_SUM] - snap[RTT_SUM],
         # A running maximum cannot be differenced; the connection's maximum
         # so far is the honest upper bound.
-        rtt_max_us=now[RTT_MAX] if d[RTT_N] else 0,
+        rtt_max_us=now[RTT_MAX] if rtt_n else 0,
     )
 
 
@@ -161,6 +167,7 @@ class Sessionizer:
     def __init__(
         self,
         parsers: Iterable[Parser],
+        layout: ColumnLayout,
         on_exchange: Callable[[Exchange], None],
         on_connection: Callable[[Connection], None] | None = None,
         config: SessionConfig | None = None,
@@ -168,7 +175,9 @@ class Sessionizer:
     ) -> None:
         self.config = config or SessionConfig()
         self.stats = stats or Stats()
-        self.by_layer: dict[str, Parser] = {p.layer: p for p in parsers}
+        # Each parser with its protocol's column, filled in when the packet
+        # carries the protocol (see ColumnLayout.build).
+        self.parsers = [(p, layout.index(p.tshark_name)) for p in parsers]
         self.on_exchange = on_exchange
         self.on_connection = on_connection or (lambda _c: None)
         self.flows: dict[tuple[str, str, int, str, int], Flow] = {}
@@ -192,21 +201,22 @@ class Sessionizer:
         if ts >= self._next_sweep_us:
             self.sweep(ts)
             self._next_sweep_us = ts + 1_000_000
-        src, dst = cols[c.SRC], cols[c.DST]
         sport_s, dport_s = cols[c.SPORT], cols[c.DPORT]
         if not sport_s or not dport_s:
             # Not TCP or UDP (ICMP, ARP, fragments): nothing to pair.
             self.stats.anomaly("non_transport_packet")
             return
+        src, dst = cols[c.SRC].strip(), cols[c.DST].strip()
         sport, dport = int(sport_s), int(dport_s)
-        transport = "tcp" if cols[c.TCP_FLAGS] else "udp"
-        if (src, sport) <= (dst, dport):
+        flags_s = cols[c.TCP_FLAGS]
+        transport = "tcp" if flags_s else "udp"
+        if src < dst or (src == dst and sport <= dport):
             key = (transport, src, sport, dst, dport)
             side = 0
         else:
             key = (transport, dst, dport, src, sport)
             side = 1
-        flags = int(cols[c.TCP_FLAGS], 16) if transport == "tcp" else 0
+        flags = int(flags_s, 16) if flags_s else 0
         flow = self.flows.get(key)
         if (
             flow is not None
@@ -233,11 +243,13 @@ class Sessionizer:
             flow.msg_start[side] = ts
             flow.msg_snap[side] = ctr.copy()
         ctr[PKT_A + side] += 1
-        ctr[BYTES_A + side] += payload
-        if payload:
-            ctr[DPKT_A + side] += 1
-        if flags:
-            self._tcp_flags(flow, side, flags, ts)
+        rtt = cols[c.ACK_RTT]
+        if rtt:
+            rtt_us = int(float(rtt) * 1_000_000)
+            ctr[RTT_N] += 1
+            ctr[RTT_SUM] += rtt_us
+            if rtt_us > ctr[RTT_MAX]:
+                ctr[RTT_MAX] = rtt_us
         if retrans:
             ctr[RETRANS] += 1
             flow.events.append((ts, "tcp.retransmission"))
@@ -247,13 +259,16 @@ class Sessionizer:
         if cols[c.ZERO_WINDOW]:
             ctr[ZWIN] += 1
             flow.events.append((ts, "tcp.zero_window"))
-        rtt = cols[c.ACK_RTT]
-        if rtt:
-            rtt_us = int(float(rtt) * 1_000_000)
-            ctr[RTT_N] += 1
-            ctr[RTT_SUM] += rtt_us
-            if rtt_us > ctr[RTT_MAX]:
-                ctr[RTT_MAX] = rtt_us
+        if flags == ACK and not payload:
+            # A pure ACK, a third or more of all packets, is done here.
+            if flow.ack_us is None and flow.synack_us is not None and side == flow.client_side:
+                flow.ack_us = ts
+            return
+        if payload:
+            ctr[BYTES_A + side] += payload
+            ctr[DPKT_A + side] += 1
+        if flags:
+            self._tcp_flags(flow, side, flags, ts)
         if payload and not flow.upgraded and not retrans:
             self._l7(flow, side, cols, ts, sport, dport)
         if flags & RST:
@@ -299,12 +314,15 @@ class Sessionizer:
     def _l7(
         self, flow: Flow, side: int, cols: Sequence[str], ts: int, sport: int, dport: int
     ) -> None:
-        parser = None
-        for layer in cols[c.PROTOCOLS].split(":")[3:]:
-            parser = self.by_layer.get(layer)
-            if parser is not None:
+        # A connection carries one protocol: the first parser whose protocol
+        # the packet carries decides it. Segments of a message still being
+        # reassembled carry none.
+        known = flow.parser
+        for parser, present in self.parsers if known is None else (known,):
+            if cols[present]:
+                flow.parser = (parser, present)
                 break
-        if parser is None:
+        else:
             return
         to_server = self._server_side(flow, side, sport, dport)
         try:
@@ -321,7 +339,7 @@ class Sessionizer:
         flow.msg_start[side] = None
         flow.msg_snap[side] = None
         # The message's own segments; messages sharing a segment share them.
-        n = sum(1 for m in messages if not m.control) or 1
+        n = 1 if len(messages) == 1 else (sum(1 for m in messages if not m.control) or 1)
         size = (
             (flow.counters[BYTES_A + side] - snap[BYTES_A + side]) // n,
             (flow.counters[DPKT_A + side] - snap[DPKT_A + side]) // n or 1,
@@ -418,7 +436,8 @@ class Sessionizer:
         if not flow.handshake_reported and flow.syn_us is not None:
             flow.handshake_reported = True
             ex.handshake_server_us, ex.handshake_client_us = flow.handshake()
-        ex.events = [e for e in flow.events if p.start_us <= e[0] <= ex.end_us]
+        if flow.events:
+            ex.events = [e for e in flow.events if p.start_us <= e[0] <= ex.end_us]
         flow.exchanges += 1
         self.stats.exchanges += 1
         self.on_exchange(ex)
