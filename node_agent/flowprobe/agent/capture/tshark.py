@@ -232,6 +232,10 @@ class LiveCapture:
         if self.dumpcap.poll() not in (None, 0):
             self.rows.error = explain_dumpcap_error(self._dumpcap_err.join()) or self.rows.error
 
+    def capturing(self) -> bool:
+        """dumpcap has opened its interfaces (it says so on stderr)."""
+        return any(line.startswith("Capturing on") for line in self._dumpcap_err.lines)
+
     def capture_counts(self) -> tuple[int, int] | None:
         """(received, dropped) from dumpcap's closing report, once it has exited."""
         if self.dumpcap.poll() is None:
