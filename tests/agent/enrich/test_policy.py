@@ -6,6 +6,7 @@ from typing import Any
 
 from flowprobe.agent.enrich.index import NAMESPACES, PODS, ClusterIndex
 from flowprobe.agent.enrich.policy import MAX_BPF_HOSTS, PolicyEngine
+from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.api.policyset import CompiledPolicy
 from tests.agent.enrich.objects import namespace, pod
 from tests.agent.export.fakes import exchange
@@ -154,3 +155,12 @@ def test_scope_follows_selected_pods_and_ports() -> None:
     for i in range(MAX_BPF_HOSTS + 1):
         idx.apply(PODS, "ADDED", pod(f"p{i}", f"10.2.{i // 250}.{i % 250}"), T)
     assert eng.scope().bpf == "inbound"
+
+
+def test_unselected_pods_get_no_resource_of_their_own() -> None:
+    idx = cluster()
+    eng = PolicyEngine(idx, "node-a")
+    eng.set_policies([policy("web", podSelector={"matchLabels": {"app": "web"}})])
+    r = KubernetesResolver(idx, admit=eng.selects_any)
+    assert r.client("10.0.0.1", T) is not None
+    assert r.server("10.0.0.2", 6379, T) is None  # redis: only web's peer

@@ -269,7 +269,9 @@ class Daemon:
                 config = export_config(export)
                 spans, metrics = otlp.exporters(config)
                 resolver = KubernetesResolver(
-                    self.index, [(a.key, a.value) for a in export.resource_attributes]
+                    self.index,
+                    [(a.key, a.value) for a in export.resource_attributes],
+                    admit=self.engine.selects_any,
                 )
                 current[key] = Telemetry(
                     config, self.stats, spans, metrics, resolver=resolver

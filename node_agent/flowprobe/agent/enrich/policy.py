@@ -157,6 +157,10 @@ class PolicyEngine:
             self._selected[key] = hit
         return hit
 
+    def selects_any(self, pod: PodRecord) -> bool:
+        with self.index.lock:
+            return any(self.selects(p, pod) for p in self.policies)
+
     def _as_server(self, policy: CompiledPolicy, ep: Endpoint | None, port: int) -> bool:
         return (
             ep is not None

@@ -7,14 +7,16 @@ pod's ``app.kubernetes.io/name`` label, else its workload's name, else the
 pod's; ``service.instance.id`` is ``<namespace>.<pod>.<container>`` as the
 service conventions advise for Kubernetes. Addresses that are no pod (the
 node, the outside world) resolve to None; a Service ClusterIP (traffic seen
-before kube-proxy's DNAT) resolves to the Service.
+before kube-proxy's DNAT) resolves to the Service. With ``admit``, pods it
+refuses (those no policy selects) resolve to None too: they get no span of
+their own and appear only as the peer of a selected pod.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-from flowprobe.agent.enrich.index import ClusterIndex, Endpoint, ServiceRecord
+from flowprobe.agent.enrich.index import ClusterIndex, Endpoint, PodRecord, ServiceRecord
 from flowprobe.agent.export.workloads import Workload
 from flowprobe.agent.parse.messages import AttrValue
 
@@ -73,15 +75,19 @@ class KubernetesResolver:
         self,
         index: ClusterIndex,
         extra: Sequence[tuple[str, AttrValue]] = (),
+        admit: Callable[[PodRecord], bool] | None = None,
         max_cache: int = 16_384,
     ) -> None:
         self.index = index
         self.extra = tuple(extra)
+        self.admit = admit
         # Shared Workload objects keep resources shared; cleared when full.
         self._cache: dict[tuple[str, str | None], Workload] = {}
         self._max = max_cache
 
-    def _pod(self, ep: Endpoint) -> Workload:
+    def _pod(self, ep: Endpoint) -> Workload | None:
+        if self.admit is not None and not self.admit(ep.pod):
+            return None
         key = (ep.pod.uid, ep.container)
         wl = self._cache.get(key)
         if wl is None:
