@@ -24,13 +24,12 @@ not reliably recognisable.
 from __future__ import annotations
 
 import bisect
-import datetime
 import sys
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 Obj = Mapping[str, Any]
 
@@ -45,6 +44,8 @@ PODS, SERVICES, ENDPOINTSLICES, JOBS, NAMESPACES = (
 RESOURCES = (PODS, SERVICES, ENDPOINTSLICES, JOBS, NAMESPACES)
 
 _SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+_MIN, _MAX = -(2**63), 2**63
+_MEMO_MAX = 65_536
 _TEMPLATE_HASH_LABEL = "pod-template-hash"
 
 
@@ -54,14 +55,8 @@ def _s(text: str) -> str:
     return sys.intern(text)
 
 
-def parse_time_us(text: str | None) -> int | None:
-    if not text:
-        return None
-    try:
-        dt = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return int(dt.timestamp() * 1_000_000)
+def _start_us(pod: PodRecord) -> int:
+    return pod.start_us
 
 
 @dataclass(slots=True, eq=False)
@@ -96,8 +91,7 @@ class ServiceRecord:
     cluster_ips: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
+class Endpoint(NamedTuple):
     """An exchange end resolved to a pod (and, for a server, its container port)."""
 
     pod: PodRecord
@@ -141,8 +135,11 @@ class ClusterIndex:
         self.counters = IndexCounters()
         # The watcher threads write, the capture and export threads read.
         self.lock = threading.RLock()
-        # Bumped on every change that can alter policy selection (pods, labels).
+        # Bumped on every change that can alter policy selection or lookups
+        # (pods, namespace labels).
         self.generation = 0
+        self._memo: dict[tuple[str, int], tuple[Endpoint | None, int, int]] = {}
+        self._memo_generation = 0
 
     # -- applying objects -------------------------------------------------
 
@@ -378,41 +375,69 @@ class ClusterIndex:
                 del self.pods[pod.uid]
             self._unindex(pod)
             n += 1
+        if n:
+            self.generation += 1
         self.counters.pruned += n
         return n
 
     # -- lookups ----------------------------------------------------------
 
     @staticmethod
-    def _holder(holders: list[PodRecord] | None, at_us: int) -> PodRecord | None:
+    def _tenancy(holders: list[PodRecord] | None, at_us: int) -> tuple[PodRecord | None, int, int]:
+        """The holder at ``at_us`` and the window [lo, hi) in which that answer holds."""
         if not holders:
-            return None
+            return None, _MIN, _MAX
         # Newest holder that had the IP by at_us; before the first known
         # holder, that one (the agent knows of no earlier tenant).
-        i = bisect.bisect_right(holders, at_us, key=lambda p: p.start_us)
-        pod = holders[i - 1] if i else holders[0]
-        if pod.end_us is not None and at_us > pod.end_us:
-            return None
-        return pod
+        i = bisect.bisect_right(holders, at_us, key=_start_us)
+        if i == 0:
+            pod, lo, nxt = holders[0], _MIN, 1
+        else:
+            pod, lo, nxt = holders[i - 1], holders[i - 1].start_us, i
+        hi = holders[nxt].start_us if nxt < len(holders) else _MAX
+        if pod.end_us is not None:
+            if at_us > pod.end_us:
+                return None, pod.end_us + 1, hi
+            hi = min(hi, pod.end_us + 1)
+        return pod, lo, hi
 
     def pod_at(self, ip: str, at_us: int) -> PodRecord | None:
-        return self._holder(self._by_ip.get(ip), at_us)
+        return self._tenancy(self._by_ip.get(ip), at_us)[0]
+
+    def _lookup(self, ip: str, port: int, at_us: int) -> Endpoint | None:
+        """Memoised per (ip, port) with the window the answer is valid in;
+        the memo is dropped whenever pods change."""
+        if self._memo_generation != self.generation:
+            self._memo.clear()
+            self._memo_generation = self.generation
+        key = (ip, port)
+        hit = self._memo.get(key)
+        if hit is not None and hit[1] <= at_us < hit[2]:
+            return hit[0]
+        pod, lo, hi = self._tenancy(self._by_ip.get(ip), at_us)
+        if pod is None and port >= 0:
+            pod, lo2, hi2 = self._tenancy(self._host_ports.get((ip, port)), at_us)
+            lo, hi = max(lo, lo2), min(hi, hi2)
+        ep: Endpoint | None = None
+        if pod is not None:
+            if port >= 0:
+                container, port_name = pod.ports.get(port, (None, ""))
+                if container is None and len(pod.containers) == 1:
+                    container = pod.containers[0]
+                ep = Endpoint(pod, container, port_name or None)
+            else:
+                ep = Endpoint(pod, pod.containers[0] if len(pod.containers) == 1 else None, None)
+        if len(self._memo) >= _MEMO_MAX:
+            self._memo.clear()
+        self._memo[key] = (ep, lo, hi)
+        return ep
 
     def server(self, ip: str, port: int, at_us: int) -> Endpoint | None:
-        pod = self.pod_at(ip, at_us) or self._holder(self._host_ports.get((ip, port)), at_us)
-        if pod is None:
-            return None
-        container, port_name = pod.ports.get(port, (None, ""))
-        if container is None and len(pod.containers) == 1:
-            container = pod.containers[0]
-        return Endpoint(pod, container, port_name or None)
+        return self._lookup(ip, port, at_us)
 
     def client(self, ip: str, at_us: int) -> Endpoint | None:
         # A hostNetwork client is indistinguishable from the node itself: None.
-        pod = self.pod_at(ip, at_us)
-        if pod is None:
-            return None
-        return Endpoint(pod, pod.containers[0] if len(pod.containers) == 1 else None, None)
+        return self._lookup(ip, -1, at_us)
 
     def service_at(self, ip: str) -> ServiceRecord | None:
         """The Service whose ClusterIP this is (traffic captured before DNAT)."""

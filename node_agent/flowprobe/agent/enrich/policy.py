@@ -115,8 +115,11 @@ class PolicyEngine:
         self.index = index
         self.node = node
         self.policies: tuple[CompiledPolicy, ...] = ()
+        # Each policy with the Exchange.protocol values it parses.
+        self._with_protocols: list[tuple[CompiledPolicy, frozenset[str]]] = []
         self.counters = SelectionCounters()
         self._selected: dict[tuple[str, str], bool] = {}
+        self._admitted: dict[str, bool] = {}
         self._generation = -1
         self._side_attrs: dict[tuple[str, str, str | None], tuple[tuple[str, AttrValue], ...]] = {}
         self._patterns: dict[str, list[tuple[re.Pattern[str], str]]] = {}
@@ -134,17 +137,27 @@ class PolicyEngine:
             patterns[p.name] = compiled
         with self.index.lock:  # the capture thread selects meanwhile
             self.policies = tuple(sorted(policies, key=lambda p: p.name))
+            self._with_protocols = [
+                (p, frozenset(k for k, v in PROTOCOL_OF.items() if v in p.protocols))
+                for p in self.policies
+            ]
             self._selected.clear()
+            self._admitted.clear()
             self._patterns = patterns
 
     # -- selection --------------------------------------------------------
 
-    def selects(self, policy: CompiledPolicy, pod: PodRecord) -> bool:
-        """Caller holds the index lock."""
+    def _check_generation(self) -> None:
+        # Pods or namespace labels changed: cached answers may be wrong now.
         if self.index.generation != self._generation:
             self._selected.clear()
+            self._admitted.clear()
             self._side_attrs.clear()
             self._generation = self.index.generation
+
+    def selects(self, policy: CompiledPolicy, pod: PodRecord) -> bool:
+        """Caller holds the index lock."""
+        self._check_generation()
         key = (policy.uid, pod.uid)
         hit = self._selected.get(key)
         if hit is None:
@@ -158,8 +171,13 @@ class PolicyEngine:
         return hit
 
     def selects_any(self, pod: PodRecord) -> bool:
+        """Whether any policy selects ``pod`` (the resolver's ``admit``)."""
         with self.index.lock:
-            return any(self.selects(p, pod) for p in self.policies)
+            self._check_generation()
+            hit = self._admitted.get(pod.uid)
+            if hit is None:
+                hit = self._admitted[pod.uid] = any(self.selects(p, pod) for p in self.policies)
+            return hit
 
     def _as_server(self, policy: CompiledPolicy, ep: Endpoint | None, port: int) -> bool:
         return (
@@ -182,7 +200,6 @@ class PolicyEngine:
     def select(self, ex: Exchange) -> tuple[list[CompiledPolicy], Endpoint | None, Endpoint | None]:
         """The policies that export ``ex`` from this node, and both resolved ends."""
         ep = ex.endpoints
-        proto = PROTOCOL_OF.get(ex.protocol)
         chosen: list[CompiledPolicy] = []
         with self.index.lock:
             server = self.index.server(ep.server_address, ep.server_port, ex.start_us)
@@ -190,8 +207,8 @@ class PolicyEngine:
             local_server = server is not None and server.pod.node == self.node
             local_client = client is not None and client.pod.node == self.node
             deferred = False
-            for policy in self.policies:
-                if proto not in policy.protocols:
+            for policy, protocols in self._with_protocols:
+                if ex.protocol not in protocols:
                     continue
                 port = ep.server_port
                 if local_server and self._as_server(policy, server, port):
