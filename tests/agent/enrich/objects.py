@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from flowprobe.api.policyset import CompiledPolicy
+
 
 def pod(
     name: str,
@@ -92,3 +94,22 @@ def job(name: str, cronjob: str | None = None, namespace: str = "shop") -> dict[
 
 def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
     return {"metadata": {"name": name, "uid": f"uid-ns-{name}", "labels": labels or {}}}
+
+
+def policy(name: str, **spec: Any) -> CompiledPolicy:
+    """A compiled policy selecting namespaces labelled capture=on; ``spec`` overrides (camelCase)."""
+    base: dict[str, Any] = {
+        "name": name,
+        "uid": f"uid-{name}",
+        "generation": 1,
+        "namespaceSelector": {"matchLabels": {"capture": "on"}},
+        "podSelector": {},
+        "direction": "Both",
+        "protocols": ["HTTP", "Redis", "DNS", "PostgreSQL"],
+        "samplingPercent": 100,
+        "payload": {},
+        "redaction": {},
+        "export": {"endpoint": "http://collector:4317", "protocol": "Grpc", "timeoutSeconds": 10},
+    }
+    base.update(spec)
+    return CompiledPolicy.model_validate(base)

@@ -7,29 +7,10 @@ from typing import Any
 from flowprobe.agent.enrich.index import NAMESPACES, PODS, ClusterIndex
 from flowprobe.agent.enrich.policy import MAX_BPF_HOSTS, PolicyEngine
 from flowprobe.agent.enrich.resolver import KubernetesResolver
-from flowprobe.api.policyset import CompiledPolicy
-from tests.agent.enrich.objects import namespace, pod
+from tests.agent.enrich.objects import namespace, pod, policy
 from tests.agent.export.fakes import exchange
 
 T = 1_700_000_000_000_000
-
-
-def policy(name: str, **spec: Any) -> CompiledPolicy:
-    base: dict[str, Any] = {
-        "name": name,
-        "uid": f"uid-{name}",
-        "generation": 1,
-        "namespaceSelector": {"matchLabels": {"capture": "on"}},
-        "podSelector": {},
-        "direction": "Both",
-        "protocols": ["HTTP", "Redis", "DNS", "PostgreSQL"],
-        "samplingPercent": 100,
-        "payload": {},
-        "redaction": {},
-        "export": {"endpoint": "http://collector:4317", "protocol": "Grpc", "timeoutSeconds": 10},
-    }
-    base.update(spec)
-    return CompiledPolicy.model_validate(base)
 
 
 def cluster() -> ClusterIndex:

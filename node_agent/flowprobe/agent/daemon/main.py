@@ -113,6 +113,21 @@ def export_config(export: CompiledExport) -> ExportConfig:
     )
 
 
+def active_policies(
+    policy_set: CompiledPolicySet | None,
+    node_labels: dict[str, str] | None,
+    now: datetime.datetime,
+) -> list[CompiledPolicy]:
+    """The policies this node applies now (none until the node's labels are known)."""
+    if policy_set is None or node_labels is None:
+        return []
+    return [
+        p
+        for p in policy_set.policies
+        if p.applies_to_node(node_labels) and (p.not_after is None or now < p.not_after)
+    ]
+
+
 def _export_key(policy: CompiledPolicy) -> str:
     return policy.export.model_dump_json()
 
@@ -150,10 +165,15 @@ class Daemon:
     # -- capture thread ---------------------------------------------------
 
     def on_exchange(self, ex: Exchange) -> None:
-        policies, server, client = self.engine.select(ex)
-        if not policies:
+        try:
+            policies, server, client = self.engine.select(ex)
+            if not policies:
+                return
+            self.engine.annotate(ex, policies[0], server, client)
+        except Exception as exc:
+            # A bug on one exchange must not end the capture thread.
+            self.stats.anomaly("enrichment_error", repr(exc))
             return
-        self.engine.annotate(ex, policies[0], server, client)
         telemetry = self.telemetry
         for key in dict.fromkeys(_export_key(p) for p in policies):
             sink = telemetry.get(key)
@@ -233,18 +253,10 @@ class Daemon:
         )
         return True
 
-    def active_policies(self) -> list[CompiledPolicy]:
-        if self.policy_set is None or self.node_labels is None:
-            return []
-        now = datetime.datetime.now(datetime.UTC)
-        return [
-            p
-            for p in self.policy_set.policies
-            if p.applies_to_node(self.node_labels) and (p.not_after is None or now < p.not_after)
-        ]
-
     def _apply(self, policies_changed: bool) -> None:
-        active = self.active_policies()
+        active = active_policies(
+            self.policy_set, self.node_labels, datetime.datetime.now(datetime.UTC)
+        )
         ids = tuple(f"{p.uid}/{p.generation}" for p in active)
         if policies_changed or ids != self._active:
             self._active = ids
