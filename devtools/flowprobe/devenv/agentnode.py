@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
 import threading
 import urllib.parse
@@ -31,12 +30,6 @@ from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.nsproxy import Forwarder
 
 _HEALTH_PORT = 9477
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class ConfigMapFile:
@@ -110,15 +103,12 @@ class AgentNode:
                 self._stack.enter_context(
                     Forwarder(("127.0.0.1", port), (host, port), listen_netns=self.node.netns)
                 )
-            local = _free_port()
-            self._stack.enter_context(
+            health = self._stack.enter_context(
                 Forwarder(
-                    ("127.0.0.1", local),
-                    ("127.0.0.1", _HEALTH_PORT),
-                    target_netns=self.node.netns,
+                    ("127.0.0.1", 0), ("127.0.0.1", _HEALTH_PORT), target_netns=self.node.netns
                 )
             )
-            self.health_url = f"http://127.0.0.1:{local}"
+            self.health_url = f"http://127.0.0.1:{health.port}"
             self._stack.enter_context(
                 ConfigMapFile(
                     self.cluster,
