@@ -108,6 +108,9 @@ class CaptureSwitcher:
         self.last_start_s: float | None = None
         self.gap_s_total = 0.0
         self.error: str | None = None
+        self.retry_s = 30.0
+        self._failed: CaptureScope | None = None
+        self._retry_at = 0.0
 
     @property
     def scope(self) -> CaptureScope | None:
@@ -116,6 +119,8 @@ class CaptureSwitcher:
     def switch(self, scope: CaptureScope) -> None:
         if self.current is not None and self.current.scope == scope:
             return
+        if self._failed == scope and time.monotonic() < self._retry_at:
+            return  # the same capture failed moments ago: do not respawn on every pod event
         old = self.current
         if scope.empty:
             self.current = None
@@ -126,19 +131,18 @@ class CaptureSwitcher:
         try:
             new = _Generation(scope, self.tools, self.interfaces, self.base, self.sink, self.stats)
         except (CaptureError, OSError) as exc:
-            self.error = str(exc)
-            log.warning("capture: %s", exc)
+            self._fail(scope, str(exc))
             return
         deadline = new.started + self.start_timeout_s
         while not new.live.capturing() and new.error() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         err = new.error()
         if err is not None:
-            self.error = err
-            log.warning("capture with filter %r failed: %s", scope.bpf, err)
             new.stop()
+            self._fail(scope, err)
             return
         self.error = None
+        self._failed = None
         self.last_start_s = time.monotonic() - new.started
         if not new.live.capturing():
             # Took over without proof that dumpcap captures: a possible gap.
@@ -161,12 +165,27 @@ class CaptureSwitcher:
             self.last_start_s,
         )
 
+    def _fail(self, scope: CaptureScope, error: str) -> None:
+        if error != self.error:
+            log.warning("capture with filter %r failed: %s", scope.bpf, error)
+        self.error = error
+        self._failed = scope
+        self._retry_at = time.monotonic() + self.retry_s
+
     def _retire(self, gen: _Generation) -> None:
         def later() -> None:
             time.sleep(self.linger_s)
             gen.stop()
 
         threading.Thread(target=later, name="flowprobe-capture-retire", daemon=True).start()
+
+    def check(self) -> None:
+        """A capture that died (interface gone, dumpcap killed) becomes an error, retried later."""
+        cur = self.current
+        if cur is not None and cur.live.dumpcap.poll() is not None:
+            self.current = None
+            cur.stop()
+            self._fail(cur.scope, cur.error() or "dumpcap exited")
 
     def alive(self) -> bool:
         return self.current is not None and self.current.live.dumpcap.poll() is None

@@ -29,7 +29,7 @@ from flowprobe.agent.daemon.capture import CaptureSwitcher
 from flowprobe.agent.daemon.report import HealthServer, LeaseReporter
 from flowprobe.agent.enrich.index import ClusterIndex
 from flowprobe.agent.enrich.kubeapi import KubeApi, load_configuration
-from flowprobe.agent.enrich.policy import CaptureScope, PolicyEngine
+from flowprobe.agent.enrich.policy import NO_CAPTURE, CaptureScope, PolicyEngine
 from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.agent.enrich.watch import Watcher, now_us
 from flowprobe.agent.export import otlp
@@ -158,6 +158,7 @@ class Daemon:
         self.node_labels: dict[str, str] | None = None
         self._active: tuple[str, ...] | None = None
         self._scope_generation = -1
+        self._scope: CaptureScope = NO_CAPTURE
         self._last_tick = time.monotonic()
         self._rate = (time.monotonic(), 0)
         self.exchanges_per_second = 0.0
@@ -266,8 +267,10 @@ class Daemon:
         gen = self.index.generation
         if gen != self._scope_generation:
             self._scope_generation = gen
-            scope: CaptureScope = self.engine.scope()
-            self.switcher.switch(scope)
+            self._scope = self.engine.scope()
+        # Every tick: a dead capture is noticed and, after a pause, restarted.
+        self.switcher.check()
+        self.switcher.switch(self._scope)
 
     def _sync_exports(self, active: list[CompiledPolicy]) -> None:
         wanted = {_export_key(p): p.export for p in active}
