@@ -10,3 +10,13 @@ BENCH_ENRICH_ARGS ?=
 
 bench-enrich: deps
 	$(PY) -m flowprobe.devenv.enrichbench $(BENCH_ENRICH_ARGS)
+
+# make demo-cluster   kubectl apply of a ProbePolicy -> spans in Jaeger: local control plane,
+#                     operator, one agent for a kwok node whose pods are network namespaces
+#                     (root; DEMO_CLUSTER_ARGS="--duration 60")
+DEMO_CLUSTER_ARGS ?=
+
+.PHONY: demo-cluster
+
+demo-cluster: deps backends-tools cluster-tools
+	$(PY) -m flowprobe.devenv.democluster $(DEMO_CLUSTER_ARGS)
