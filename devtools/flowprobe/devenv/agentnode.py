@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from flowprobe.api import constants
-from flowprobe.devenv.cluster import LocalCluster
+from flowprobe.devenv.cluster import ClusterError, LocalCluster
 from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.nsproxy import Forwarder
 
@@ -57,9 +57,12 @@ class ConfigMapFile:
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
-            if self.cluster.api_status("GET", self.url) != 200:
+            try:
+                data = (self.cluster.api("GET", self.url, timeout=5).get("data") or {}).get(
+                    self.key
+                )
+            except (ClusterError, OSError):
                 continue  # gone, or the API server restarting
-            data = (self.cluster.api("GET", self.url).get("data") or {}).get(self.key)
             if data is not None and (not self.path.exists() or self.path.read_text() != data):
                 tmp = self.path.with_suffix(".tmp")
                 tmp.write_text(data)
