@@ -265,6 +265,20 @@ def test_policy_to_jaeger_with_churn_policy_changes_and_apiserver_restart(
             timeout=60,
         )
 
+        # -- the operator's view: agents Ready, reporting, nothing degraded ----
+        def conditions() -> dict[str, str]:
+            pp = c.api("GET", f"/apis/{constants.API_VERSION}/{constants.PLURAL}/{shop.policy}")
+            return {x["type"]: x["reason"] for x in (pp.get("status") or {}).get("conditions", [])}
+
+        wait_until(
+            lambda: (
+                conditions().get("Ready") == "AgentsReady"
+                and conditions().get("Degraded") == "AsExpected"
+            ),
+            f"policy Ready, not degraded; operator log:\n{operator.log_text()[-3000:]}",
+            timeout=60,
+        )
+
         # -- the report Lease the operator reads ------------------------------
         lease = c.api(
             "GET", f"/apis/coordination.k8s.io/v1/namespaces/{ns}/leases/{report_lease_name(node)}"
