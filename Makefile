@@ -50,6 +50,7 @@ bench: deps backends-tools cluster-tools
 	$(PY) -m flowprobe.devenv.bench
 	$(PY) -m flowprobe.devenv.livebench
 	$(MAKE) bench-operator
+	$(MAKE) bench-enrich
 
 bench-live: deps
 	$(PY) -m flowprobe.devenv.livebench

@@ -162,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--filter", "-f", help="BPF capture filter")
     cap.add_argument("--duration", type=float, help="stop after this many seconds")
+    sub.add_parser(
+        "daemon",
+        help="run on a Kubernetes node, configured by the operator through the environment "
+        "(docs/agent-in-cluster.md)",
+    ).add_argument("--verbose", "-v", action="store_true")
     return ap
 
 
@@ -257,6 +262,13 @@ def run(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="flowprobe-agent: %(levelname)s %(message)s",
     )
+    if args.command == "daemon":
+        # Imported here: the Kubernetes client adds start-up time `read` does not need.
+        from flowprobe.agent.daemon.main import run_daemon
+
+        # Its status is in the log: INFO unless --verbose asks for more.
+        logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
+        return run_daemon()
     try:
         config = _config(args)
     except ValueError as exc:  # pydantic's ValidationError is one

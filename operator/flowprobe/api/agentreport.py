@@ -46,6 +46,12 @@ class AgentReport(_Model):
     # CompiledPolicySet.checksum() of the set the agent is applying.
     config_checksum: str = ""
     notes: Annotated[list[AgentNote], Field(max_length=MAX_REPORT_NOTES)] = []
+    # What the agent sees (for `kubectl get lease -o yaml` and dashboards;
+    # the operator's status uses only the fields above).
+    ready: bool = False
+    interfaces: list[str] = []
+    exchanges_per_second: float = 0.0
+    capture_drops: int = 0
 
 
 def report_lease_name(node: str) -> str:

@@ -260,11 +260,11 @@ class PodsOnly:
     def __init__(self, pods: dict[str, str]) -> None:
         self.pods = pods
 
-    def server(self, address: str, port: int) -> Workload | None:
+    def server(self, address: str, port: int, at_us: int = 0) -> Workload | None:
         name = self.pods.get(address)
         return Workload(name, (("k8s.pod.name", f"{name}-0"),)) if name else None
 
-    def client(self, address: str) -> Workload | None:
+    def client(self, address: str, at_us: int = 0) -> Workload | None:
         return self.server(address, 0)
 
 

@@ -370,6 +370,10 @@ class LiveCapture:
         if self.dumpcap.poll() not in (None, 0):
             self.rows.error = explain_dumpcap_error(self._dumpcap_err.join()) or self.rows.error
 
+    def capturing(self) -> bool:
+        """dumpcap has opened its interfaces (it says so on stderr)."""
+        return self._dumpcap_err.capturing.is_set()
+
     def wait_capturing(self, timeout: float) -> bool:
         """Whether dumpcap opened its interfaces within ``timeout`` seconds;
         from then on no packet is lost to the agent's own start-up."""
@@ -377,7 +381,7 @@ class LiveCapture:
         while self.dumpcap.poll() is None and time.monotonic() < deadline:
             if self._dumpcap_err.capturing.wait(0.1):
                 return True
-        return self._dumpcap_err.capturing.is_set()
+        return self.capturing()
 
     def capture_counts(self) -> tuple[int, int] | None:
         """(received, dropped) from dumpcap's closing report, once it has exited."""

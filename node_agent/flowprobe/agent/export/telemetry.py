@@ -187,8 +187,8 @@ class Telemetry:
 
     def _process(self, ex: Exchange) -> None:
         ep = ex.endpoints
-        client_wl = self.resolver.client(ep.client_address)
-        server_wl = self.resolver.server(ep.server_address, ep.server_port)
+        client_wl = self.resolver.client(ep.client_address, ex.start_us)
+        server_wl = self.resolver.server(ep.server_address, ep.server_port, ex.start_us)
         node = self.factory.node(ex, client_wl, server_wl)
         if not node.top_span_id:
             self.counters.exchanges_dropped["unattributed"] += 1

@@ -36,11 +36,13 @@ class Workload:
 
 
 class WorkloadResolver(Protocol):
-    def server(self, address: str, port: int) -> Workload | None:
+    # at_us: the exchange's start (µs since the epoch); in a cluster an IP can
+    # belong to another pod a minute later.
+    def server(self, address: str, port: int, at_us: int = 0) -> Workload | None:
         """The workload serving on ``address:port``, or None if it is not observed."""
         ...
 
-    def client(self, address: str) -> Workload | None:
+    def client(self, address: str, at_us: int = 0) -> Workload | None:
         """The workload calling from ``address``, or None if it is not observed."""
         ...
 
@@ -77,10 +79,10 @@ class AddressResolver:
             wl = self._cache[key] = Workload(name)
         return wl
 
-    def server(self, address: str, port: int) -> Workload | None:
+    def server(self, address: str, port: int, at_us: int = 0) -> Workload | None:
         return self._get(address, port)
 
-    def client(self, address: str) -> Workload | None:
+    def client(self, address: str, at_us: int = 0) -> Workload | None:
         return self._get(address, -1)
 
 

@@ -1,0 +1,1 @@
+"""Kubernetes enrichment: a watch-fed cluster index that names both ends of an exchange."""
