@@ -22,7 +22,7 @@ class Outcome(StrEnum):
     TIMEOUT = "timeout"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class Endpoints:
     transport: str
     client_address: str

@@ -72,6 +72,7 @@ class Pending:
 
 class Flow:
     __slots__ = (
+        "_endpoints",
         "a_addr",
         "a_port",
         "ack_us",
@@ -102,6 +103,7 @@ class Flow:
         self.transport = transport
         self.a_addr, self.a_port, self.b_addr, self.b_port = a_addr, a_port, b_addr, b_port
         self.client_side: int | None = None
+        self._endpoints: list[Endpoints | None] = [None, None]
         self.counters = [0] * N_COUNTERS
         self.syn_us: int | None = None
         self.synack_us: int | None = None
@@ -122,9 +124,15 @@ class Flow:
         self.events: deque[tuple[int, str]] = deque(maxlen=MAX_EVENTS_PER_FLOW)
 
     def endpoints(self, client_side: int) -> Endpoints:
-        if client_side == 0:
-            return Endpoints(self.transport, self.a_addr, self.a_port, self.b_addr, self.b_port)
-        return Endpoints(self.transport, self.b_addr, self.b_port, self.a_addr, self.a_port)
+        # Every exchange of the connection shares one (immutable) object.
+        ep = self._endpoints[client_side]
+        if ep is None:
+            if client_side == 0:
+                ep = Endpoints(self.transport, self.a_addr, self.a_port, self.b_addr, self.b_port)
+            else:
+                ep = Endpoints(self.transport, self.b_addr, self.b_port, self.a_addr, self.a_port)
+            self._endpoints[client_side] = ep
+        return ep
 
     def n_pending(self) -> int:
         return sum(len(q) for q in self.pending.values())
