@@ -16,12 +16,12 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from flowprobe.devenv.netns import Node, Pod
+from flowprobe.devenv.netns import Node, Pod, agent_capture_command
 
 NGINX_CONF = """
 worker_processes 1;
@@ -45,6 +45,7 @@ http {{
 """
 
 TICKS = os.sysconf("SC_CLK_TCK")
+BPF = "inbound and tcp port 8080"
 
 
 def tree_pids(root: int) -> list[int]:
@@ -89,24 +90,20 @@ def rss_mb(pids: list[int]) -> float:
 
 
 def run_rate(
-    node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path
+    node: Node,
+    client: Pod,
+    server: Pod,
+    rate: int,
+    seconds: int,
+    work: Path,
+    agent_args: Sequence[str] = (),
 ) -> dict[str, float]:
+    """One rate; ``agent_args`` are extra agent flags (the security bench turns the WAF on)."""
     stats_file = work / f"stats-{rate}.json"
     agent = node.spawn_node(
-        [
-            sys.executable,
-            "-m",
-            "flowprobe.agent",
-            "capture",
-            "-i",
-            "any",
-            "-f",
-            "inbound and tcp port 8080",
-            "--output",
-            "/dev/null",
-            "--stats",
-            str(stats_file),
-        ],
+        agent_capture_command(
+            BPF, "--output", "/dev/null", "--stats", str(stats_file), *agent_args
+        ),
     )
     time.sleep(2.5)
     pids = tree_pids(agent.pid)
@@ -145,24 +142,12 @@ def run_rate(
         "achieved_rps": sent / seconds,
         "agent_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
         "capture_dropped": stats["capture_dropped"],
+        "uninspected": sum(stats.get("security", {}).get(k, 0) for k in ("skipped", "dropped")),
     }
 
 
 def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path) -> None:
-    agent = node.spawn_node(
-        [
-            sys.executable,
-            "-m",
-            "flowprobe.agent",
-            "capture",
-            "-i",
-            "any",
-            "-f",
-            "inbound and tcp port 8080",
-            "--output",
-            "/dev/null",
-        ],
-    )
+    agent = node.spawn_node(agent_capture_command(BPF, "--output", "/dev/null"))
     time.sleep(2.5)
     load = subprocess.Popen(
         client.cmd(

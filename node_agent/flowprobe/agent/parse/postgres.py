@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.base import split_occurrences
-from flowprobe.agent.parse.messages import AttrValue, L7Message
+from flowprobe.agent.parse.messages import PAYLOAD_QUERY, AttrValue, L7Message
 from flowprobe.agent.parse.redact import sanitize_sql, sql_collection, sql_operation
 
 FIELDS = (
@@ -246,15 +246,21 @@ def safe_sanitize(text: str, double_quoted_literals: bool = False) -> str:
 
 
 def statement_attrs(
-    texts: Sequence[str | None], raw: bool, mysql: bool = False
+    texts: Sequence[str | None], raw: bool, mysql: bool = False, keep_text: bool = False
 ) -> dict[str, AttrValue]:
-    """db.* attributes of one statement, or of a batch of them (OTel conventions)."""
+    """db.* attributes of one statement, or of a batch of them (OTel conventions).
+
+    ``keep_text``: the unsanitised text too, for in-agent inspection only
+    (security/, which removes it before anything is exported).
+    """
     known = [sql_text(t) for t in texts if t]
     attrs: dict[str, AttrValue] = {}
     if len(texts) > 1:
         attrs["db.operation.batch.size"] = len(texts)
     if not known:
         return attrs
+    if keep_text:
+        attrs[PAYLOAD_QUERY] = "; ".join(known)
     ops = {sql_operation(t) for t in known}
     colls = {sql_collection(t) for t in known}
     distinct = list(dict.fromkeys(t if raw else safe_sanitize(t, mysql) for t in known))
@@ -350,8 +356,9 @@ class PostgresParser:
     transports: tuple[str, ...] = ("tcp",)
     fields: tuple[str, ...] = FIELDS
 
-    def __init__(self, raw_query_text: bool = False) -> None:
+    def __init__(self, raw_query_text: bool = False, keep_payload: bool = False) -> None:
         self.raw_query_text = raw_query_text
+        self.keep_payload = keep_payload
         self._idx: tuple[int, ...] = ()
 
     def bind(self, layout: ColumnLayout) -> None:
@@ -508,9 +515,11 @@ class PostgresParser:
         conn.batch = _Batch()
         raw = self.raw_query_text
         if batch.executed or batch.queries:
-            attrs = statement_attrs([*batch.executed, *batch.queries], raw)
+            attrs = statement_attrs(
+                [*batch.executed, *batch.queries], raw, keep_text=self.keep_payload
+            )
         elif batch.parsed:
-            attrs = statement_attrs(batch.parsed, raw)
+            attrs = statement_attrs(batch.parsed, raw, keep_text=self.keep_payload)
             attrs["db.operation.name"] = "PREPARE"
         else:
             attrs = {"db.operation.name": batch.other or "sync"}
