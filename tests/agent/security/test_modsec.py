@@ -102,6 +102,13 @@ def test_paranoia_level_and_threshold_change_what_is_reported() -> None:
         pl2.close()
 
 
+def test_a_closed_engine_refuses_rather_than_crashes() -> None:
+    engine = ModSecurity.with_crs(WafConfig(enabled=True), 2047)
+    engine.close()
+    with pytest.raises(WafError, match="closed"):
+        engine.inspect(tx())
+
+
 def test_bad_rules_and_missing_library_are_clear_errors() -> None:
     with pytest.raises(WafError, match="rejected the rules"):
         ModSecurity("SecRuleEngine Sideways\n")

@@ -169,7 +169,8 @@ def _include_if_present(path: Path) -> list[str]:
 
 
 class ModSecurity:
-    """One engine with one rule set; :meth:`inspect` may be called from several threads."""
+    """One engine with one rule set; :meth:`inspect` may be called from several threads,
+    :meth:`close` only once none runs."""
 
     def __init__(self, rules_text: str, library: str = LIBRARY) -> None:
         try:
@@ -218,6 +219,8 @@ class ModSecurity:
     def inspect(self, t: HttpTransaction) -> list[RuleHit]:
         """Run every phase over the exchange; the rules that matched, in the order they ran."""
         lib = self._lib
+        if not self._rules:
+            raise WafError("the engine is closed")
         with self._lock:
             token = next(self._tokens)
             lines: list[str] = []
