@@ -333,7 +333,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         if stats.anomalies:
             log.info("anomalies: %s", dict(stats.anomalies))
         if args.stats:
-            Path(args.stats).write_text(json.dumps(stats.as_dict(), indent=1) + "\n")
+            report = stats.as_dict()
+            if stage is not None:
+                report["security"] = stage.totals()
+            Path(args.stats).write_text(json.dumps(report, indent=1) + "\n")
     return code
 
 

@@ -316,12 +316,15 @@ class SecurityStage:
                     {**event, **context},
                 )
 
+    def totals(self) -> dict[str, int]:
+        """What the stage did so far: inspected, skipped, dropped, error, seen_full."""
+        return dict(Counter(dict(self.overflow)) + self.counts)
+
     def _report_counts(self) -> None:
         """Counter deltas into the metrics (the security thread is their only writer there)."""
         if self.metrics is None:
             return
-        now = Counter(dict(self.overflow)) + self.counts
-        for result, n in now.items():
+        for result, n in self.totals().items():
             delta = n - self._reported[result]
             if delta:
                 self.metrics.count(STAGE_EXCHANGES, (("result", result),), delta)
