@@ -97,15 +97,17 @@ def run_rate(
     seconds: int,
     work: Path,
     agent_args: Sequence[str] = (),
+    startup_s: float = 2.5,
 ) -> dict[str, float]:
-    """One rate; ``agent_args`` are extra agent flags (the security bench turns the WAF on)."""
+    """One rate; ``agent_args`` are extra agent flags (the security bench turns the WAF on),
+    ``startup_s`` how long the agent gets to start capturing before the load starts."""
     stats_file = work / f"stats-{rate}.json"
     agent = node.spawn_node(
         agent_capture_command(
             BPF, "--output", "/dev/null", "--stats", str(stats_file), *agent_args
         ),
     )
-    time.sleep(2.5)
+    time.sleep(startup_s)
     pids = tree_pids(agent.pid)
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
     conns = 8 if rate >= 800 else 1

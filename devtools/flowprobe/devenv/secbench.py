@@ -166,7 +166,8 @@ def highest_lossless(
 ) -> int:
     best = 0
     for rate in rates:
-        res = run_rate(node, client, server, rate, seconds, work, agent_args)
+        # Loading the CRS takes a moment more than the agent alone.
+        res = run_rate(node, client, server, rate, seconds, work, agent_args, startup_s=6.0)
         lossless = res["loss"] <= 0 and not res["uninspected"] and not res["capture_dropped"]
         print(
             f"  {' '.join(agent_args) or 'off':<12} {rate:>7}/s sent {res['sent']:>7.0f} "
