@@ -21,9 +21,11 @@ from flowprobe.agent.parse.messages import (
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.security.alerts import Alerts
 from flowprobe.agent.security.modsec import ModSecurity
+from flowprobe.agent.security.options import from_policy
 from flowprobe.agent.security.payload import header_lines, unescape
 from flowprobe.agent.security.stage import DDR_FIRST_SEEN, WAF_MATCH, SecurityStage
 from flowprobe.agent.sessionize.records import Exchange
+from flowprobe.api.v1alpha1 import SecuritySpec
 from tests.agent.export.fakes import exchange
 
 
@@ -236,3 +238,24 @@ def test_alerts_queue_is_bounded() -> None:
     alerts.start()
     alerts.close()
     assert len(logs.get_finished_logs()) == 4 and alerts.counts["exported"] == 4
+
+
+def test_a_policys_security_spec_becomes_agent_settings() -> None:
+    spec = SecuritySpec.model_validate(
+        {
+            "waf": {
+                "mode": "DetectionOnly",
+                "paranoiaLevel": 2,
+                "excludedRules": ["942100-942199"],
+            },
+            "sensitiveData": {"mode": "Detect", "categories": ["CardNumber", "IBAN"]},
+            "bodyMaxBytes": 512,
+        }
+    )
+    config = from_policy(spec)
+    assert config.waf.enabled and config.waf.paranoia_level == 2
+    assert config.waf.excluded_rules == ("942100-942199",)
+    assert config.ddr.enabled and config.ddr.categories == ("card", "iban")
+    assert config.body_max_bytes == 512
+    assert not from_policy(SecuritySpec()).enabled
+    assert from_policy(SecuritySpec()).waf.excluded_rules == WafConfig().excluded_rules

@@ -11,11 +11,18 @@ from flowprobe.agent.export import otlp
 from flowprobe.agent.export.naming import RouteTable
 from flowprobe.agent.export.telemetry import Telemetry, agent_resource
 from flowprobe.agent.export.workloads import AddressResolver
+from flowprobe.agent.security import ddr
 from flowprobe.agent.security.alerts import Alerts
 from flowprobe.agent.security.ddr import CATEGORIES
 from flowprobe.agent.security.modsec import ModSecurity
 from flowprobe.agent.security.stage import SecurityStage
 from flowprobe.agent.sessionize.records import Exchange
+from flowprobe.api.v1alpha1 import (
+    SecuritySpec,
+    SensitiveDataCategory,
+    SensitiveDataMode,
+    WafMode,
+)
 
 _RULE = re.compile(r"^[0-9]{1,9}(-[0-9]{1,9})?$")
 
@@ -89,6 +96,40 @@ def from_args(args: argparse.Namespace) -> SecurityConfig:
         ),
         ddr=DdrConfig(enabled=args.ddr, categories=tuple(args.ddr_category)),
         body_max_bytes=args.security_body_max_bytes,
+    )
+
+
+# The policy's CamelCase enum values -> the detectors' category names.
+_CATEGORIES = {
+    SensitiveDataCategory.CARD_NUMBER: ddr.CARD,
+    SensitiveDataCategory.IBAN: ddr.IBAN,
+    SensitiveDataCategory.EMAIL: ddr.EMAIL,
+    SensitiveDataCategory.PHONE: ddr.PHONE,
+    SensitiveDataCategory.NATIONAL_ID: ddr.NATIONAL_ID,
+    SensitiveDataCategory.JWT: ddr.JWT,
+    SensitiveDataCategory.API_KEY: ddr.API_KEY,
+    SensitiveDataCategory.PRIVATE_KEY: ddr.PRIVATE_KEY,
+    SensitiveDataCategory.PASSWORD: ddr.PASSWORD,
+}
+
+
+def from_policy(spec: SecuritySpec) -> SecurityConfig:
+    """A ProbePolicy's ``spec.security`` (as compiled for the agents) as agent settings."""
+    waf = spec.waf
+    return SecurityConfig(
+        waf=WafConfig(
+            enabled=waf.mode == WafMode.DETECTION_ONLY,
+            paranoia_level=waf.paranoia_level,
+            inbound_anomaly_threshold=waf.inbound_anomaly_threshold,
+            outbound_anomaly_threshold=waf.outbound_anomaly_threshold,
+            excluded_rules=tuple(waf.excluded_rules),
+            excluded_tags=tuple(waf.excluded_tags),
+        ),
+        ddr=DdrConfig(
+            enabled=spec.sensitive_data.mode == SensitiveDataMode.DETECT,
+            categories=tuple(_CATEGORIES[c] for c in spec.sensitive_data.categories),
+        ),
+        body_max_bytes=spec.body_max_bytes,
     )
 
 
