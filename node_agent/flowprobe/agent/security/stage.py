@@ -60,7 +60,6 @@ STAGE_EXCHANGES = Instrument(
 # new pair is remembered (and none alerts), counted as seen_full.
 MAX_SEEN = 100_000
 _POLL_S = 0.05
-_CONN_ATTRS = (sc.CLIENT_ADDRESS, sc.CLIENT_PORT, sc.SERVER_ADDRESS, sc.SERVER_PORT)
 
 
 @dataclass(slots=True)
@@ -195,9 +194,14 @@ class SecurityStage:
 
     def _context(self, ex: Exchange, edge: _Edge) -> dict[str, AttrValue]:
         """Who talked to whom, for alerts: addresses, workload names and their attributes."""
-        d = ex.to_dict()
-        out: dict[str, AttrValue] = {k: d[k] for k in _CONN_ATTRS}
-        out["flowprobe.protocol"] = ex.protocol
+        ep = ex.endpoints
+        out: dict[str, AttrValue] = {
+            sc.CLIENT_ADDRESS: ep.client_address,
+            sc.CLIENT_PORT: ep.client_port,
+            sc.SERVER_ADDRESS: ep.server_address,
+            sc.SERVER_PORT: ep.server_port,
+            "flowprobe.protocol": ex.protocol,
+        }
         out["flowprobe.endpoint"] = endpoint_name(ex, self.routes)
         out.update(edge.key)
         for side, wl in (("client", edge.client), ("server", edge.server)):
