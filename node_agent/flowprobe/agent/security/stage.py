@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ STAGE_EXCHANGES = Instrument(
 # new pair is remembered (and none alerts), counted as seen_full.
 MAX_SEEN = 100_000
 _POLL_S = 0.05
+_REPORT_S = 1.0
+_ABORT_S = 10.0
 
 
 @dataclass(slots=True)
@@ -113,6 +116,7 @@ class SecurityStage:
         self._queue: deque[tuple[Exchange, bool]] = deque()
         self._hard_cap = 4 * config.queue_size
         self._closing = threading.Event()
+        self._abort = threading.Event()
         self._thread = threading.Thread(target=self._run, name="flowprobe-security", daemon=True)
         self._failed = False
 
@@ -136,10 +140,20 @@ class SecurityStage:
         return self
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Inspect and hand on what is queued, then stop."""
+        """Inspect and hand on what is queued, then stop. Out of time, what is left
+        is handed on uninspected (counted as skipped)."""
         self._closing.set()
-        if self._thread.is_alive():
+        if self._thread.ident is not None:
             self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._abort.set()
+            # Handing on without inspecting is quick.
+            self._thread.join(_ABORT_S)
+        if self._thread.is_alive():
+            # Still inside the engine or a sink: freeing the engine now could
+            # crash the process; it goes with it.
+            log.warning("security: the stage did not stop in time; exiting without it")
+            return
         self._report_counts()
         if self.waf is not None:
             self.waf.close()
@@ -150,15 +164,23 @@ class SecurityStage:
 
     def _run(self) -> None:
         queue = self._queue
+        next_report = time.monotonic() + _REPORT_S
         while True:
             if queue:
                 ex, inspect = queue.popleft()
-                if inspect:
+                if inspect and self._abort.is_set():
+                    strip(ex.attrs)
+                    self.counts["skipped"] += 1
+                elif inspect:
                     self._inspect_safely(ex)
                 try:
                     self.downstream(ex)
                 except Exception:
                     self._fail_once("handing an exchange on failed")
+                # A busy stage still reports its counts now and then.
+                if time.monotonic() >= next_report:
+                    self._report_counts()
+                    next_report = time.monotonic() + _REPORT_S
                 continue
             self._report_counts()
             if self._closing.is_set():
