@@ -1,9 +1,11 @@
 """An "api" workload that stores customer records in PostgreSQL, for the security tests and bench.
 
 ``POST /customers`` (JSON) inserts a row and answers it back with its id;
-``GET /customers/<id>`` reads one; ``POST /notes`` stores free text. SQL goes
-out with its literals in the text (psycopg's client-side binding, what
-Django does by default), as many applications send it.
+``GET /customers/<id>`` reads one; ``POST /contacts`` stores an e-mail and a
+phone; ``POST /notes`` stores free text. The customer insert goes out with
+its literals in the SQL text (psycopg's client-side binding, Django's
+default); the rest with bound parameters (psycopg's default), so values
+travel in Bind messages and come back in DataRows.
 Run: ``python -m flowprobe.devenv.secapp HOST PORT PG_IP``.
 """
 
@@ -61,8 +63,14 @@ class Api(BaseHTTPRequestHandler):
             ).fetchone()
             assert row is not None
             self._answer(201, {"id": row[0], **doc})
+        elif self.path == "/contacts":
+            psycopg.Cursor(pg).execute(
+                "INSERT INTO contacts (email, phone) VALUES (%s, %s)",
+                (str(doc.get("email", "")), str(doc.get("phone", ""))),
+            )
+            self._answer(201, {"stored": True})
         elif self.path == "/notes":
-            pg.execute("INSERT INTO notes (body) VALUES (%s)", (json.dumps(doc),))
+            psycopg.Cursor(pg).execute("INSERT INTO notes (body) VALUES (%s)", (json.dumps(doc),))
             self._answer(201, {"stored": True})
         else:
             self._answer(404, {})
@@ -71,7 +79,7 @@ class Api(BaseHTTPRequestHandler):
         parts = self.path.strip("/").split("/")
         if parts[0] == "customers" and len(parts) == 2 and parts[1].isdigit():
             row = (
-                _db()
+                psycopg.Cursor(_db())
                 .execute(
                     "SELECT name, email, card, iban, ssn, phone FROM customers WHERE id = %s",
                     (int(parts[1]),),
@@ -94,6 +102,9 @@ def main() -> None:
             "card text, iban text, ssn text, phone text)"
         )
         pg.execute("CREATE TABLE IF NOT EXISTS notes (id serial primary key, body text)")
+        pg.execute(
+            "CREATE TABLE IF NOT EXISTS contacts (id serial primary key, email text, phone text)"
+        )
     srv = ThreadingHTTPServer((host, port), Api)
     srv.daemon_threads = True
     srv.serve_forever()

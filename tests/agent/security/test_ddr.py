@@ -22,6 +22,7 @@ JWT = (
         ("mail john.doe@example.com", "email", "j***@example.com"),
         ("call +1 415-555-2671", "phone", "*********71"),
         ("call (415) 555-2671", "phone", "********71"),
+        ("tel +33 1 42 68 53 00", "phone", "*********00"),
         ("ssn 078-05-1120", "national_id", "***-**-1120"),
         (f"Authorization: Bearer {JWT}", "jwt", "eyJ****"),
         ("AWS AKIAIOSFODNN7EXAMPLE", "api_key", "AKIA****"),

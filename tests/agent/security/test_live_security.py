@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flowprobe.devenv.netns import Node, agent_capture_command
+from flowprobe.devenv.netns import Node, Pod, agent_capture_command
 from flowprobe.devenv.servers import start_http, start_postgres
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
@@ -60,23 +60,9 @@ ATTACKS: dict[str, tuple[str, bytes]] = {
     ),
 }
 
-# Nothing tells when dumpcap has opened the interface: a few requests a
-# second apart first, so the ones that matter are surely seen.
-WARM_UP = r"""
-import http.client, time
-def warm_up(ip, path):
-    for _ in range(3):
-        c = http.client.HTTPConnection(ip, 8080, timeout=10)
-        c.request("GET", path); c.getresponse().read(); c.close()
-        time.sleep(1.0)
-"""
-
-SEND = (
-    WARM_UP
-    + r"""
+SEND = r"""
 import socket, sys, json
 ip, reqs = sys.argv[1], json.loads(sys.stdin.read())
-warm_up(ip, "/warmup")
 for raw in reqs:
     s = socket.create_connection((ip, 8080))
     s.sendall(raw.encode("latin-1"))
@@ -84,17 +70,54 @@ for raw in reqs:
         pass
     s.close()
 """
-)
+
+# The agent's own /metrics, inside the node namespace.
+METRICS_PORT = 9464
+PACKETS = r"""
+import re, sys, urllib.request
+try:
+    text = urllib.request.urlopen(sys.argv[1], timeout=2).read().decode()
+except OSError:
+    text = ""
+m = re.search(r"^flowprobe_agent_packets_total (\S+)", text, re.M)
+print(float(m.group(1)) if m else 0.0)
+"""
+PROBE = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=5)
+c.request("GET", "/warmup"); c.getresponse().read()
+"""
 
 
-def _agent(node: Node, out: Path, spans: Path, flags: Sequence[str]) -> subprocess.Popen[bytes]:
+def _agent(
+    node: Node, client: Pod, server_ip: str, out: Path, spans: Path, flags: Sequence[str]
+) -> subprocess.Popen[bytes]:
+    """The agent, once it demonstrably captures: loading the CRS and starting
+    dumpcap take seconds on a busy machine, and nothing else says when it is done."""
     agent = node.spawn_node(
-        agent_capture_command("inbound and tcp", "--output", str(out), "--console-spans", *flags),
+        agent_capture_command(
+            "inbound and tcp",
+            "--output",
+            str(out),
+            "--console-spans",
+            "--metrics-port",
+            str(METRICS_PORT),
+            *flags,
+        ),
         stdout=spans.open("wb"),
         stderr=subprocess.PIPE,
     )
-    time.sleep(2.0)
-    return agent
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    for _ in range(120):
+        client.run([sys.executable, "-c", PROBE, server_ip])
+        seen = subprocess.run(
+            node.node_cmd([sys.executable, "-c", PACKETS, url]), capture_output=True, text=True
+        )
+        if float(seen.stdout.strip() or 0) > 0:
+            return agent
+        assert agent.poll() is None, agent.communicate()[1].decode()
+        time.sleep(0.5)
+    raise AssertionError("the agent never captured a packet")
 
 
 def _stop(agent: subprocess.Popen[bytes]) -> str:
@@ -113,7 +136,7 @@ def _events(rec: dict[str, Any], name: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def waf_pods() -> Iterator[tuple[Node, str, Any]]:
+def waf_pods() -> Iterator[tuple[Node, str, Pod]]:
     with Node(subnet="10.254.6.0/24") as node:
         client = node.add_pod("client")
         api = node.add_pod("api")
@@ -122,11 +145,11 @@ def waf_pods() -> Iterator[tuple[Node, str, Any]]:
 
 
 def test_attacks_set_off_their_crs_family_and_benign_traffic_nothing(
-    waf_pods: tuple[Node, str, Any], tmp_path: Path
+    waf_pods: tuple[Node, str, Pod], tmp_path: Path
 ) -> None:
     node, api_ip, client = waf_pods
     out, spans = tmp_path / "x.jsonl", tmp_path / "spans.jsonl"
-    agent = _agent(node, out, spans, ["--waf"])
+    agent = _agent(node, client, api_ip, out, spans, ["--waf"])
     raw = [req.decode("latin-1") for _, req in ATTACKS.values()]
     r = client.run([sys.executable, "-c", SEND, api_ip], input=json.dumps(raw))
     assert r.returncode == 0, r.stderr
@@ -202,14 +225,13 @@ SECRETS = [
     "219-09-9999",
     "ada.lovelace@example.com",
     "7946 0958",
+    "bob@example.net",
+    "42 68 53 00",
 ]
 
-FRONTEND = (
-    WARM_UP
-    + r"""
+FRONTEND = r"""
 import http.client, json, sys
 ip, customers, look = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-warm_up(ip, "/health")
 c = http.client.HTTPConnection(ip, 8080, timeout=10)
 def call(method, path, doc=None):
     body = json.dumps(doc).encode() if doc is not None else None
@@ -218,13 +240,13 @@ def call(method, path, doc=None):
 ids = [json.loads(call("POST", "/customers", cu)[1])["id"] for cu in customers]
 for i in ids:
     call("GET", f"/customers/{i}")
+call("POST", "/contacts", {"email": "bob@example.net", "phone": "+33 1 42 68 53 00"})
 call("POST", "/notes", look)
 """
-)
 
 
 @pytest.fixture
-def ddr_pods(tmp_path: Path) -> Iterator[tuple[Node, Any, Any, Any]]:
+def ddr_pods(tmp_path: Path) -> Iterator[tuple[Node, Pod, Pod, Pod]]:
     with Node(subnet="10.254.7.0/24") as node:
         frontend = node.add_pod("frontend")
         api = node.add_pod("api")
@@ -235,11 +257,11 @@ def ddr_pods(tmp_path: Path) -> Iterator[tuple[Node, Any, Any, Any]]:
 
 
 def test_sensitive_records_detected_on_their_edges_masked_and_linked(
-    ddr_pods: tuple[Node, Any, Any, Any], tmp_path: Path
+    ddr_pods: tuple[Node, Pod, Pod, Pod], tmp_path: Path
 ) -> None:
     node, frontend, api, pg = ddr_pods
     out, spans = tmp_path / "x.jsonl", tmp_path / "spans.jsonl"
-    agent = _agent(node, out, spans, ["--ddr", "--waf"])
+    agent = _agent(node, frontend, api.ip, out, spans, ["--ddr", "--waf"])
     r = frontend.run(
         [sys.executable, "-c", FRONTEND, api.ip, json.dumps(CUSTOMERS), json.dumps(LOOK_ALIKES)]
     )
@@ -282,6 +304,13 @@ def test_sensitive_records_detected_on_their_edges_masked_and_linked(
         e["flowprobe.ddr.category"] for rec in sql for e in _events(rec, "flowprobe.ddr.first_seen")
     }
     assert every <= first_sql
+
+    # Values that travel apart from the SQL text: Bind parameters (the
+    # contact) and the rows a SELECT returns (the customers).
+    contacts = [rec for rec in sql if "contacts" in str(rec.get("db.query.text", ""))]
+    assert contacts and {"email", "phone"} <= set(contacts[0]["flowprobe.ddr.categories"])
+    selects = [rec for rec in sql if str(rec.get("db.query.text", "")).startswith("SELECT")]
+    assert selects and all(every <= set(rec["flowprobe.ddr.categories"]) for rec in selects)
 
     # Look-alikes that fail the checks are not flagged, on either edge.
     notes = [rec for rec in http if rec.get("url.path") == "/notes"]

@@ -212,7 +212,8 @@ DETECTORS: tuple[Detector, ...] = (
         _PHONE,
         lambda m: _keep_last(_digits(m.group()), 2),
         lambda m: 8 <= len(_digits(m.group())) <= 15,
-        digits=True,
+        # Grouped in twos (+33 1 42 68 53 00) a phone has no run of four digits.
+        needles=("+", "("),
     ),
 )
 # Every digit becomes 0, so "0000" in the result means a run of four digits.

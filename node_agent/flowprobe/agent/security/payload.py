@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from flowprobe.agent.parse.messages import (
     PAYLOAD_PREFIX,
     PAYLOAD_QUERY,
+    PAYLOAD_QUERY_VALUES,
+    PAYLOAD_REPLY_VALUES,
     PAYLOAD_REQUEST_BODY,
     PAYLOAD_REQUEST_HEADERS,
     PAYLOAD_RESPONSE_BODY,
@@ -52,6 +54,20 @@ def header_lines(column: str) -> list[tuple[str, str]]:
     return out
 
 
+def hex_values(column: str) -> str:
+    """tshark's comma-joined hex of each value (``616263,31``) as text, one value a line.
+
+    A value cut at a column or size limit loses its odd last digit.
+    """
+    out = []
+    for item in column.split(","):
+        try:
+            out.append(bytes.fromhex(item[: len(item) - len(item) % 2]).decode("utf-8", "replace"))
+        except ValueError:
+            continue
+    return "\n".join(out)
+
+
 @dataclass(slots=True)
 class Payload:
     request_headers: list[tuple[str, str]] = field(default_factory=list)
@@ -59,13 +75,16 @@ class Payload:
     response_headers: list[tuple[str, str]] = field(default_factory=list)
     response_body: str = ""
     query: str = ""
+    query_values: str = ""
+    reply_values: str = ""
 
     def texts(self) -> list[tuple[str, str]]:
         """(where, text) of every part, for the sensitive-data scan."""
         out = [(f"request.header.{k.lower()}", v) for k, v in self.request_headers]
         out += [("request.body", self.request_body), ("query", self.query)]
+        out.append(("query.values", self.query_values))
         out += [(f"response.header.{k.lower()}", v) for k, v in self.response_headers]
-        out.append(("response.body", self.response_body))
+        out += [("response.body", self.response_body), ("reply.values", self.reply_values)]
         return [(where, text) for where, text in out if text]
 
 
@@ -88,4 +107,6 @@ def take(attrs: dict[str, AttrValue], body_max: int) -> Payload:
         response_headers=header_lines(pop(PAYLOAD_RESPONSE_HEADERS)),
         response_body=unescape(pop(PAYLOAD_RESPONSE_BODY))[:body_max],
         query=pop(PAYLOAD_QUERY),
+        query_values=hex_values(pop(PAYLOAD_QUERY_VALUES)),
+        reply_values=hex_values(pop(PAYLOAD_REPLY_VALUES)),
     )
