@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from flowprobe.devenv.pcapgen import ACK, PSH
+from tests.agent.export.fakes import FakeGrpcReceiver, attrs
 from tests.agent.helpers import close, conn, handshake, write
 from tests.agent.test_cli import agent
 
@@ -58,3 +59,43 @@ def test_bad_security_flags_are_refused(tmp_path: Path) -> None:
     assert r.returncode == 2 and "rule id or range" in r.stderr
     r = agent("read", "x.pcap", "--ddr", "--ddr-category", "dna")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_findings_over_otlp_spans_logs_and_metrics(tmp_path: Path) -> None:
+    receiver = FakeGrpcReceiver()
+    try:
+        r = agent(
+            "read",
+            str(_pcap(tmp_path)),
+            "--waf",
+            "--ddr",
+            "--otlp-endpoint",
+            receiver.endpoint,
+            "--service-name",
+            "10.9.1.1:8080=api",
+        )
+        assert r.returncode == 0, r.stderr
+        got = receiver.received
+        events = {e.name for _, span in got.spans() for e in span.events}
+        assert {"flowprobe.waf.match", "flowprobe.ddr.first_seen"} <= events
+        with got.lock:
+            records = [
+                lr for req in got.logs for rl in req.resource_logs for sl in rl.scope_logs
+                for lr in sl.log_records
+            ]  # fmt: skip
+        waf = [lr for lr in records if lr.event_name == "flowprobe.waf.match"]
+        ddr = [lr for lr in records if lr.event_name == "flowprobe.ddr.first_seen"]
+        assert waf and ddr
+        first = attrs(waf[0].attributes)
+        assert first["flowprobe.server.service"] == "api" and first["client.address"] == "10.9.0.1"
+        assert waf[0].severity_text == "CRITICAL"
+        assert attrs(ddr[0].attributes)["flowprobe.ddr.sample"] == "************1111"
+        names = got.metric_names()
+        assert {"flowprobe.waf.rule.matches", "flowprobe.waf.edge.matches"} <= names
+        assert {"flowprobe.ddr.detections", "flowprobe.agent.security.exchanges"} <= names
+        with got.lock:
+            raw = b"".join(req.SerializeToString() for req in got.traces)
+            raw += b"".join(req.SerializeToString() for req in got.logs)
+        assert b"4111 1111" not in raw and b"flowprobe.payload" not in raw
+    finally:
+        receiver.stop()
