@@ -16,12 +16,13 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from flowprobe.devenv.netns import Node, Pod, agent_capture_command
+from flowprobe.devenv.netns import Node, Pod
 
 NGINX_CONF = """
 worker_processes 1;
@@ -45,7 +46,6 @@ http {{
 """
 
 TICKS = os.sysconf("SC_CLK_TCK")
-BPF = "inbound and tcp port 8080"
 
 
 def tree_pids(root: int) -> list[int]:
@@ -99,13 +99,25 @@ def run_rate(
     agent_args: Sequence[str] = (),
     startup_s: float = 2.5,
 ) -> dict[str, float]:
-    """One rate; ``agent_args`` are extra agent flags (the security bench turns the WAF on),
-    ``startup_s`` how long the agent gets to start capturing before the load starts."""
+    """One rate; ``agent_args`` are extra agent flags (secbench turns the WAF on),
+    ``startup_s`` how long the agent gets before the load starts."""
     stats_file = work / f"stats-{rate}.json"
     agent = node.spawn_node(
-        agent_capture_command(
-            BPF, "--output", "/dev/null", "--stats", str(stats_file), *agent_args
-        ),
+        [
+            sys.executable,
+            "-m",
+            "flowprobe.agent",
+            "capture",
+            "-i",
+            "any",
+            "-f",
+            "inbound and tcp port 8080",
+            "--output",
+            "/dev/null",
+            "--stats",
+            str(stats_file),
+            *agent_args,
+        ],
     )
     time.sleep(startup_s)
     pids = tree_pids(agent.pid)
@@ -144,12 +156,26 @@ def run_rate(
         "achieved_rps": sent / seconds,
         "agent_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
         "capture_dropped": stats["capture_dropped"],
+        # Passed on without WAF/DDR inspection (security stage queue full).
         "uninspected": sum(stats.get("security", {}).get(k, 0) for k in ("skipped", "dropped")),
     }
 
 
 def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path) -> None:
-    agent = node.spawn_node(agent_capture_command(BPF, "--output", "/dev/null"))
+    agent = node.spawn_node(
+        [
+            sys.executable,
+            "-m",
+            "flowprobe.agent",
+            "capture",
+            "-i",
+            "any",
+            "-f",
+            "inbound and tcp port 8080",
+            "--output",
+            "/dev/null",
+        ],
+    )
     time.sleep(2.5)
     load = subprocess.Popen(
         client.cmd(

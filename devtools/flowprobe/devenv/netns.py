@@ -16,7 +16,6 @@ import os
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -197,11 +196,6 @@ class Node:
                     os.kill(int(pid), signal.SIGKILL)
             subprocess.run(["ip", "netns", "delete", netns], capture_output=True)
         self._created.clear()
-
-
-def agent_capture_command(bpf: str, *args: str) -> list[str]:
-    """``flowprobe-agent capture`` on every interface of the node namespace, for ``Node.spawn_node``."""
-    return [sys.executable, "-m", "flowprobe.agent", "capture", "-i", "any", "-f", bpf, *args]
 
 
 @contextlib.contextmanager

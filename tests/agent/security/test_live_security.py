@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from flowprobe.devenv.netns import Node, Pod, agent_capture_command
+from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.servers import start_http, start_postgres
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
@@ -71,6 +71,7 @@ for raw in reqs:
     s.close()
 """
 
+AGENT = [sys.executable, "-m", "flowprobe.agent", "capture", "-i", "any", "-f", "inbound and tcp"]
 # The agent's own /metrics, inside the node namespace.
 METRICS_PORT = 9464
 PACKETS = r"""
@@ -95,15 +96,15 @@ def _agent(
     """The agent, once it demonstrably captures: loading the CRS and starting
     dumpcap take seconds on a busy machine, and nothing else says when it is done."""
     agent = node.spawn_node(
-        agent_capture_command(
-            "inbound and tcp",
+        [
+            *AGENT,
             "--output",
             str(out),
             "--console-spans",
             "--metrics-port",
             str(METRICS_PORT),
             *flags,
-        ),
+        ],
         stdout=spans.open("wb"),
         stderr=subprocess.PIPE,
     )
