@@ -12,7 +12,7 @@ help:
 	@echo "make demo       capture real traffic between namespace 'pods' and print the summary"
 	@echo "make test       install what is missing, lint, typecheck and run every test suite"
 	@echo "make test-fast  unit tests only (no root, no network namespaces, no builds)"
-	@echo "make bench      offline and live throughput against raw tshark, and the cost of OTLP export"
+	@echo "make bench      offline and live throughput against raw tshark, the cost of OTLP export and of the WAF/DDR"
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,7 @@ demo: deps
 bench: deps backends-tools cluster-tools
 	$(PY) -m flowprobe.devenv.bench
 	$(PY) -m flowprobe.devenv.livebench
+	$(PY) -m flowprobe.devenv.secbench
 	$(MAKE) bench-operator
 	$(MAKE) bench-enrich
 

@@ -45,6 +45,17 @@ def test_minimal_policy_uses_the_default_export() -> None:
     assert comp.verdicts["web"].errors == [] and comp.secrets == []
 
 
+def test_security_settings_reach_the_agents_only_when_set() -> None:
+    security = {"waf": {"mode": "DetectionOnly"}, "sensitiveData": {"mode": "Detect"}}
+    comp = _compile(policy_body("web"), policy_body("api", spec=_spec(security=security)))
+    entries = {p.name: p for p in comp.policy_set.policies}
+    assert entries["web"].security is None
+    api = entries["api"].security
+    assert api is not None and api.waf.mode == "DetectionOnly"
+    assert '"security"' in comp.policy_set.to_json()
+    assert CompiledPolicySet.from_json(comp.policy_set.to_json()) == comp.policy_set
+
+
 def test_without_any_export_endpoint_the_policy_is_not_applied() -> None:
     config = make_config(defaultExport=None)
     comp = _compile(policy_body("web"), config=config)

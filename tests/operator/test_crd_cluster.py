@@ -143,6 +143,18 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
         {"namespaceSelector": {"matchLabels": {"bad key!": "x"}}},
         "matchLabels keys must be label keys",
     ),
+    "waf without HTTP": (
+        {**OK, "protocols": ["DNS"], "security": {"waf": {"mode": "DetectionOnly"}}},
+        "spec.security.waf.mode DetectionOnly needs HTTP in spec.protocols",
+    ),
+    "paranoia level above 4": (
+        {**OK, "security": {"waf": {"mode": "DetectionOnly", "paranoiaLevel": 5}}},
+        "spec.security.waf.paranoiaLevel in body should be less than or equal to 4",
+    ),
+    "unknown sensitive-data category": (
+        {**OK, "security": {"sensitiveData": {"mode": "Detect", "categories": ["DNA"]}}},
+        'Unsupported value: "DNA"',
+    ),
     "duplicate redaction rule": (
         {
             **OK,
@@ -186,6 +198,9 @@ def test_defaults_are_filled_in_and_columns_printed(crds: LocalCluster) -> None:
         assert spec["managementState"] == "Managed"
         assert spec["payload"]["headers"] == {"mode": "None", "maxBytes": 4096}
         assert spec["redaction"]["queryText"] == "Sanitized"
+        assert spec["security"]["waf"]["mode"] == "Off"
+        assert spec["security"]["waf"]["excludedRules"] == ["920350"]
+        assert spec["security"]["sensitiveData"] == {"mode": "Off"}
         header = crds.kubectl("get", "pp", "crd-defaults").stdout.splitlines()[0].split()
         assert header == ["NAME", "READY", "NODES", "PODS", "AGE"]
         # The category lists it next to other flowprobe kinds.

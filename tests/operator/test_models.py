@@ -211,6 +211,8 @@ def test_minimal_policy_gets_the_documented_defaults() -> None:
         "bodies": {"mode": "None", "maxBytes": 1024},
     }
     assert spec["redaction"]["queryText"] == "Sanitized"
+    assert spec["security"]["waf"]["mode"] == "Off"
+    assert spec["security"]["sensitiveData"] == {"mode": "Off", "categories": []}
     assert "TCP" not in spec["protocols"]
 
 
@@ -256,6 +258,18 @@ def test_metadata_noise_and_unknown_top_level_fields_are_ignored() -> None:
             "k8s.",
         ),
         ({"namespaceSelector": {}, "bogus": 1}, "bogus"),
+        (
+            {
+                "namespaceSelector": {},
+                "protocols": ["DNS"],
+                "security": {"waf": {"mode": "DetectionOnly"}},
+            },
+            "needs HTTP in protocols",
+        ),
+        (
+            {"namespaceSelector": {}, "security": {"waf": {"excludedRules": ["94x"]}}},
+            "excludedRules",
+        ),
     ],
 )
 def test_models_refuse_what_the_crd_refuses(spec: dict[str, Any], fragment: str) -> None:

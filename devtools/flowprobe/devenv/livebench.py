@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from flowprobe.devenv.netns import Node, Pod
@@ -88,8 +89,15 @@ def rss_mb(pids: list[int]) -> float:
 
 
 def run_rate(
-    node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path
+    node: Node,
+    client: Pod,
+    server: Pod,
+    rate: int,
+    seconds: int,
+    work: Path,
+    agent_args: Sequence[str] = (),
 ) -> dict[str, float]:
+    """One rate; ``agent_args`` are extra agent flags (secbench turns the WAF on)."""
     stats_file = work / f"stats-{rate}.json"
     agent = node.spawn_agent(
         [
@@ -101,6 +109,7 @@ def run_rate(
             "/dev/null",
             "--stats",
             str(stats_file),
+            *agent_args,
         ]
     )
     pids = tree_pids(agent.pid)
@@ -139,6 +148,8 @@ def run_rate(
         "achieved_rps": sent / seconds,
         "agent_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
         "capture_dropped": stats["capture_dropped"],
+        # Passed on without WAF/DDR inspection (security stage queue full).
+        "uninspected": sum(stats.get("security", {}).get(k, 0) for k in ("skipped", "dropped")),
     }
 
 

@@ -23,6 +23,8 @@ from flowprobe.agent.export.summary import Summary
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.export.workloads import parse_service_name_rule
 from flowprobe.agent.pipeline import Pipeline, Sinks
+from flowprobe.agent.security import options as security_options
+from flowprobe.agent.security.modsec import WafError
 from flowprobe.agent.sessionize.stats import Stats
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
@@ -147,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--verbose", "-v", action="store_true")
     _add_export_options(common)
+    security_options.add_arguments(common)
     rd = sub.add_parser("read", parents=[common], help="read pcap/pcapng files (gzip too)")
     rd.add_argument("files", nargs="+")
     rd.add_argument(
@@ -197,7 +200,10 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         metrics_address=args.metrics_address,
     )
     return AgentConfig(
-        protocols=protocols, ports={k: tuple(v) for k, v in ports.items()}, export=export
+        protocols=protocols,
+        ports={k: tuple(v) for k, v in ports.items()},
+        export=export,
+        security=security_options.from_args(args),
     )
 
 
@@ -299,6 +305,16 @@ def run(argv: Sequence[str] | None = None) -> int:
     self_metrics: SelfMetrics | None = None
     if telemetry is not None:
         sinks.exchange.append(telemetry.submit)
+    stage = None
+    if config.security.enabled:
+        # Every sink gets the exchanges after inspection, from the stage's thread.
+        downstream = Sinks(exchange=list(sinks.exchange))
+        try:
+            stage = security_options.build_stage(config, downstream.on_exchange, telemetry)
+        except (WafError, otlp.OtlpConfigError, ValueError) as exc:
+            print(f"flowprobe-agent: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        sinks.exchange[:] = [stage.submit]
     pipeline = Pipeline(config, sinks, stats)
     try:
         tools = Tools.find()
@@ -322,6 +338,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             code = _capture(args, tools, pipeline, stats, summary)
     finally:
         pipeline.finish()
+        if stage is not None:
+            stage.close()
         if telemetry is not None:
             telemetry.close()
         if self_metrics is not None:
@@ -334,7 +352,10 @@ def run(argv: Sequence[str] | None = None) -> int:
         if stats.anomalies:
             log.info("anomalies: %s", dict(stats.anomalies))
         if args.stats:
-            Path(args.stats).write_text(json.dumps(stats.as_dict(), indent=1) + "\n")
+            report = stats.as_dict()
+            if stage is not None:
+                report["security"] = stage.totals()
+            Path(args.stats).write_text(json.dumps(report, indent=1) + "\n")
     return code
 
 

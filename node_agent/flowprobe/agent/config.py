@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -75,6 +75,53 @@ class ExportConfig(_Model):
     shutdown_timeout_seconds: float = Field(default=30.0, gt=0, le=600)
 
 
+# CRS rule ids or ranges as SecRuleRemoveById takes them: "942100", "942100-942199".
+RuleIdOrRange = Annotated[str, Field(pattern=r"^[0-9]{1,9}(-[0-9]{1,9})?$")]
+
+
+class WafConfig(_Model):
+    """ModSecurity + OWASP CRS on captured HTTP/1 exchanges, detection only (docs/security.md)."""
+
+    enabled: bool = False
+    paranoia_level: int = Field(default=1, ge=1, le=4)
+    # CRS's anomaly thresholds: a request (response) whose summed rule scores
+    # reach them also hits the evaluation rule 949110 (959100).
+    inbound_anomaly_threshold: int = Field(default=5, ge=1, le=10000)
+    outbound_anomaly_threshold: int = Field(default=4, ge=1, le=10000)
+    # 920350 (Host is a numeric IP): pods calling each other by IP is normal
+    # east-west traffic, not an attack.
+    excluded_rules: tuple[RuleIdOrRange, ...] = ("920350",)
+    excluded_tags: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9_./-]{1,128}$")], ...] = ()
+
+
+class DdrConfig(_Model):
+    """Sensitive-data detection in headers, bodies, SQL text and Redis commands."""
+
+    enabled: bool = False
+    # Empty: every category (flowprobe.agent.security.ddr.CATEGORIES).
+    categories: tuple[str, ...] = ()
+
+
+class SecurityConfig(_Model):
+    """Everything off by default; turning either part on makes the HTTP parser keep
+    header lines and bodies (internally: they never leave the agent unmasked)."""
+
+    waf: WafConfig = WafConfig()
+    ddr: DdrConfig = DdrConfig()
+    # Bodies are cut here before inspection; tshark's column text stops at
+    # 2047 characters anyway.
+    body_max_bytes: int = Field(default=2047, ge=0, le=2047)
+    # Exchanges waiting for inspection; beyond this they pass uninspected
+    # (counted), capture never waits.
+    queue_size: int = Field(default=4096, ge=16, le=1_000_000)
+    # Matched data in exported findings, after masking.
+    matched_data_max_chars: int = Field(default=64, ge=0, le=1024)
+
+    @property
+    def enabled(self) -> bool:
+        return self.waf.enabled or self.ddr.enabled
+
+
 class AgentConfig(_Model):
     protocols: tuple[str, ...] = ALL_PROTOCOLS
     # Extra server ports per protocol, on top of each parser's defaults; tshark
@@ -84,3 +131,4 @@ class AgentConfig(_Model):
     response_timeout_seconds: int = Field(default=30, ge=1, le=3600)
     session_reset_packets: int = Field(default=200_000, ge=10_000)
     export: ExportConfig = ExportConfig()
+    security: SecurityConfig = SecurityConfig()

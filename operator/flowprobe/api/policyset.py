@@ -32,6 +32,7 @@ from flowprobe.api.v1alpha1 import (
     Protocol,
     RedactionSpec,
     ResourceAttribute,
+    SecuritySpec,
 )
 
 
@@ -70,6 +71,8 @@ class CompiledPolicy(_Model):
     not_after: datetime.datetime | None = None
     payload: PayloadSpec
     redaction: RedactionSpec
+    # Absent when the policy leaves security at its defaults (everything off).
+    security: SecuritySpec | None = None
     export: CompiledExport
 
     def applies_to_node(self, node_labels: dict[str, str]) -> bool:

@@ -67,6 +67,28 @@ class QueryTextMode(StrEnum):
     OMITTED = "Omitted"
 
 
+class WafMode(StrEnum):
+    OFF = "Off"
+    DETECTION_ONLY = "DetectionOnly"
+
+
+class SensitiveDataMode(StrEnum):
+    OFF = "Off"
+    DETECT = "Detect"
+
+
+class SensitiveDataCategory(StrEnum):
+    CARD_NUMBER = "CardNumber"
+    IBAN = "IBAN"
+    EMAIL = "Email"
+    PHONE = "Phone"
+    NATIONAL_ID = "NationalID"
+    JWT = "JWT"
+    API_KEY = "APIKey"
+    PRIVATE_KEY = "PrivateKey"
+    PASSWORD = "Password"
+
+
 class OtlpProtocol(StrEnum):
     GRPC = "Grpc"
     HTTP_PROTOBUF = "HttpProtobuf"
@@ -153,6 +175,9 @@ MAX_NODE_NOTES = 32
 MIN_DURATION_SECONDS = 60
 MAX_DURATION_SECONDS = 30 * 24 * 3600
 MAX_PAYLOAD_BYTES = 65536
+MAX_WAF_EXCLUSIONS = 64
+# tshark's column text stops at 2047 characters (docs/security.md).
+MAX_INSPECTED_BODY_BYTES = 2047
 
 
 # -- selectors ------------------------------------------------------------------
@@ -266,6 +291,43 @@ class RedactionSpec(_Model):
         list[Annotated[str, Field(min_length=1, max_length=128)]], Field(max_length=MAX_HEADERS)
     ] = list(DEFAULT_REDACTED_HEADERS)
     patterns: Annotated[list[RedactionPattern], Field(max_length=MAX_PATTERNS)] = []
+
+
+# -- security -------------------------------------------------------------------
+
+
+class WafSpec(_Model):
+    mode: WafMode = WafMode.OFF
+    paranoia_level: Annotated[int, Field(ge=1, le=4)] = 1
+    inbound_anomaly_threshold: Annotated[int, Field(ge=1, le=10000)] = 5
+    outbound_anomaly_threshold: Annotated[int, Field(ge=1, le=10000)] = 4
+    excluded_rules: Annotated[
+        list[
+            Annotated[
+                str, Field(min_length=1, max_length=19, pattern=r"^[0-9]{1,9}(-[0-9]{1,9})?$")
+            ]
+        ],
+        Field(max_length=MAX_WAF_EXCLUSIONS),
+    ] = ["920350"]
+    excluded_tags: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_./-]+$")]],
+        Field(max_length=MAX_WAF_EXCLUSIONS),
+    ] = []
+
+
+class SensitiveDataSpec(_Model):
+    mode: SensitiveDataMode = SensitiveDataMode.OFF
+    categories: Annotated[
+        list[SensitiveDataCategory], Field(max_length=len(SensitiveDataCategory))
+    ] = []
+
+
+class SecuritySpec(_Model):
+    waf: WafSpec = WafSpec()
+    sensitive_data: SensitiveDataSpec = SensitiveDataSpec()
+    body_max_bytes: Annotated[int, Field(ge=0, le=MAX_INSPECTED_BODY_BYTES)] = (
+        MAX_INSPECTED_BODY_BYTES
+    )
 
 
 # -- export ---------------------------------------------------------------------
@@ -387,6 +449,7 @@ class ProbePolicySpec(_Model):
     time_limit: TimeLimit | None = None
     payload: PayloadSpec = PayloadSpec()
     redaction: RedactionSpec = RedactionSpec()
+    security: SecuritySpec = SecuritySpec()
     export: ExportSpec | None = None
     agent: AgentSpec | None = None
 
@@ -402,6 +465,8 @@ class ProbePolicySpec(_Model):
             self.protocols
         ):
             raise ValueError("payload.bodies.mode All needs HTTP, HTTP2 or GRPC in protocols")
+        if self.security.waf.mode != WafMode.OFF and Protocol.HTTP not in self.protocols:
+            raise ValueError("security.waf.mode DetectionOnly needs HTTP in protocols")
         return self
 
 

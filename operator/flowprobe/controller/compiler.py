@@ -26,6 +26,7 @@ from flowprobe.api.v1alpha1 import (
     Reason,
     ResourceList,
     ResourceRequirements,
+    SecuritySpec,
     Toleration,
 )
 from flowprobe.controller.config import OperatorConfig
@@ -223,6 +224,7 @@ def _judge(pol: ProbePolicy, config: OperatorConfig, now: datetime.datetime) -> 
         not_after=verdict.ends_at,
         payload=pol.spec.payload,
         redaction=pol.spec.redaction,
+        security=pol.spec.security if pol.spec.security != SecuritySpec() else None,
         export=_compile_export(otlp, pol),
     )
     return verdict

@@ -7,12 +7,14 @@ import socket
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import grpc
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
     metrics_service_pb2_grpc,
@@ -50,6 +52,7 @@ class Received:
 
     traces: list[trace_service_pb2.ExportTraceServiceRequest] = field(default_factory=list)
     metrics: list[metrics_service_pb2.ExportMetricsServiceRequest] = field(default_factory=list)
+    logs: list[logs_service_pb2.ExportLogsServiceRequest] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -140,6 +143,20 @@ class FakeHttpReceiver:
         self.server.server_close()
 
 
+def _collecting(
+    base: type[Any], response: Callable[[], Any], sink: list[Any], lock: threading.Lock
+) -> Any:
+    """A servicer whose Export appends each request to ``sink``."""
+
+    class Collecting(base):  # type: ignore[misc]
+        def Export(self, request: Any, context: grpc.ServicerContext) -> Any:
+            with lock:
+                sink.append(request)
+            return response()
+
+    return Collecting()
+
+
 class FakeGrpcReceiver:
     """OTLP/gRPC on 127.0.0.1, plaintext or TLS (``credentials``)."""
 
@@ -156,17 +173,22 @@ class FakeGrpcReceiver:
                     received.headers.append(dict(context.invocation_metadata()))  # type: ignore[arg-type]
                 return trace_service_pb2.ExportTraceServiceResponse()
 
-        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
-            def Export(
-                self, request: Any, context: grpc.ServicerContext
-            ) -> metrics_service_pb2.ExportMetricsServiceResponse:
-                with received.lock:
-                    received.metrics.append(request)
-                return metrics_service_pb2.ExportMetricsServiceResponse()
-
+        metrics = _collecting(
+            metrics_service_pb2_grpc.MetricsServiceServicer,
+            metrics_service_pb2.ExportMetricsServiceResponse,
+            received.metrics,
+            received.lock,
+        )
+        logs = _collecting(
+            logs_service_pb2_grpc.LogsServiceServicer,
+            logs_service_pb2.ExportLogsServiceResponse,
+            received.logs,
+            received.lock,
+        )
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self.server)  # type: ignore[no-untyped-call]
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self.server)  # type: ignore[no-untyped-call]
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(metrics, self.server)  # type: ignore[no-untyped-call]
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(logs, self.server)  # type: ignore[no-untyped-call]
         address = f"127.0.0.1:{port}"
         if credentials is None:
             self.port = self.server.add_insecure_port(address)

@@ -333,6 +333,11 @@ class Metrics:
             if f.rtt_samples:
                 self._add(agent, EDGE_RTT, edge, f.rtt_sum_us / f.rtt_samples / 1e6)
 
+    def count(self, inst: Instrument, key: Key, value: float = 1) -> None:
+        """A sum on the agent's resource measured off the span path (security/)."""
+        with self._lock:
+            self._add(self._agent, inst, key, value)
+
     # -- collection (metric thread) ---------------------------------------
 
     def collect(self) -> MetricsData:

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import grpc
+from opentelemetry.sdk._logs.export import LogRecordExporter
 from opentelemetry.sdk.metrics.export import MetricExporter
 from opentelemetry.sdk.trace.export import SpanExporter
 
 from flowprobe.agent.config import ExportConfig, OtlpConfig
 
-Signal = Literal["traces", "metrics"]
+Signal = Literal["traces", "metrics", "logs"]
 Protocol = Literal["grpc", "http/protobuf"]
 PROTOCOLS: tuple[Protocol, ...] = ("grpc", "http/protobuf")
 COMPRESSIONS = ("gzip", "deflate", "none")
@@ -279,6 +280,18 @@ def metric_exporter(s: SignalSettings) -> MetricExporter:
     return HttpMetricExporter(**_http_kwargs(s))
 
 
+def log_exporter(s: SignalSettings) -> LogRecordExporter:
+    if s.protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+
+        return OTLPLogExporter(**_grpc_kwargs(s))
+    from opentelemetry.exporter.otlp.proto.http._log_exporter import (
+        OTLPLogExporter as HttpLogExporter,
+    )
+
+    return HttpLogExporter(**_http_kwargs(s))
+
+
 def exporters(
     export: ExportConfig, env: Mapping[str, str] | None = None
 ) -> tuple[SpanExporter | None, MetricExporter | None]:
@@ -307,6 +320,7 @@ SDK_EXPORT_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
     "opentelemetry.exporter.otlp.proto.http.trace_exporter",
     "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
     "opentelemetry.exporter.otlp.proto.http._common",
 )
 

@@ -40,7 +40,13 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 # Record bookkeeping that is not a span attribute (times become the span's
 # own, events become span events).
 _NOT_ATTRIBUTES = frozenset(
-    {"flowprobe.record", "start_time_unix_us", "end_time_unix_us", "flowprobe.events"}
+    {
+        "flowprobe.record",
+        "start_time_unix_us",
+        "end_time_unix_us",
+        "flowprobe.events",
+        "flowprobe.security.events",
+    }
 )
 _FAILED = frozenset({Outcome.NO_RESPONSE, Outcome.RESET, Outcome.TIMEOUT})
 # Query parameters semconv asks to redact in url.query / url.full.
@@ -110,6 +116,7 @@ class SpanBuilder:
         }
         name, kind_attrs = self._describe(ex, base)
         events = [Event(n, timestamp=t * 1000) for t, n in ex.events]
+        events += [Event(n, a, t * 1000) for t, n, a in ex.security_events]
         spans: list[ReadableSpan] = []
         trace_id = node.trace_id
         if node.client_span_id:

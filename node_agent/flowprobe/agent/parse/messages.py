@@ -7,6 +7,21 @@ from typing import Any
 
 AttrValue = str | int | float | bool | list[str]
 
+# Payload kept for in-agent inspection only (security/), when it is enabled;
+# the security stage removes these attributes before any record, span or
+# metric is made of the exchange. Values are tshark's escaped column text.
+PAYLOAD_PREFIX = "flowprobe.payload."
+PAYLOAD_REQUEST_HEADERS = PAYLOAD_PREFIX + "request.headers"
+PAYLOAD_REQUEST_BODY = PAYLOAD_PREFIX + "request.body"
+PAYLOAD_RESPONSE_HEADERS = PAYLOAD_PREFIX + "response.headers"
+PAYLOAD_RESPONSE_BODY = PAYLOAD_PREFIX + "response.body"
+# Statement text before sanitising (SQL) or with its arguments (Redis).
+PAYLOAD_QUERY = PAYLOAD_PREFIX + "query"
+# Parameter values a client bound to a statement, and the values of the rows
+# a server returned (PostgreSQL: tshark's hex of each value, comma-joined).
+PAYLOAD_QUERY_VALUES = PAYLOAD_PREFIX + "query.values"
+PAYLOAD_REPLY_VALUES = PAYLOAD_PREFIX + "reply.values"
+
 
 @dataclass(slots=True)
 class L7Message:

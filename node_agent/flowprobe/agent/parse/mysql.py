@@ -167,8 +167,9 @@ class MysqlParser:
     shares_columns = True
     fields: tuple[str, ...] = FIELDS
 
-    def __init__(self, raw_query_text: bool = False) -> None:
+    def __init__(self, raw_query_text: bool = False, keep_payload: bool = False) -> None:
         self.raw_query_text = raw_query_text
+        self.keep_payload = keep_payload
         self._idx: dict[str, int] = {}
 
     def bind(self, layout: ColumnLayout) -> None:
@@ -241,12 +242,16 @@ class MysqlParser:
             op, kind = spec
             attrs: dict[str, AttrValue]
             if command == "Query" or command == "Prepare Statement":
-                attrs = statement_attrs([text], self.raw_query_text, mysql=True)
+                attrs = statement_attrs(
+                    [text], self.raw_query_text, mysql=True, keep_text=self.keep_payload
+                )
                 if op:
                     attrs["db.operation.name"] = op
             elif kind == RESULTS and stmt_id is not None:
                 text = conn.statements.get(stmt_id)
-                attrs = statement_attrs([text], self.raw_query_text, mysql=True)
+                attrs = statement_attrs(
+                    [text], self.raw_query_text, mysql=True, keep_text=self.keep_payload
+                )
             else:
                 attrs = {"db.operation.name": op} if op else {}
             if command == "Use Database" and schemas:

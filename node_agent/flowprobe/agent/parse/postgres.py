@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.base import split_occurrences
-from flowprobe.agent.parse.messages import AttrValue, L7Message
+from flowprobe.agent.parse.messages import (
+    PAYLOAD_QUERY,
+    PAYLOAD_QUERY_VALUES,
+    PAYLOAD_REPLY_VALUES,
+    AttrValue,
+    L7Message,
+)
 from flowprobe.agent.parse.redact import sanitize_sql, sql_collection, sql_operation
 
 FIELDS = (
@@ -50,6 +56,10 @@ FIELDS = (
 )
 
 NAME = "postgresql"
+# Bind parameters and DataRow values, read only for in-agent inspection.
+VALUES_FIELD = "pgsql.val.data"
+# Characters of values kept per request or response, whatever its size.
+MAX_VALUES_CHARS = 8192
 
 # tshark's COL_MAX_LEN is 2048 bytes with the terminating NUL.
 COLUMN_LIMIT = 2047
@@ -246,15 +256,21 @@ def safe_sanitize(text: str, double_quoted_literals: bool = False) -> str:
 
 
 def statement_attrs(
-    texts: Sequence[str | None], raw: bool, mysql: bool = False
+    texts: Sequence[str | None], raw: bool, mysql: bool = False, keep_text: bool = False
 ) -> dict[str, AttrValue]:
-    """db.* attributes of one statement, or of a batch of them (OTel conventions)."""
+    """db.* attributes of one statement, or of a batch of them (OTel conventions).
+
+    ``keep_text``: the unsanitised text too, for in-agent inspection only
+    (security/, which removes it before anything is exported).
+    """
     known = [sql_text(t) for t in texts if t]
     attrs: dict[str, AttrValue] = {}
     if len(texts) > 1:
         attrs["db.operation.batch.size"] = len(texts)
     if not known:
         return attrs
+    if keep_text:
+        attrs[PAYLOAD_QUERY] = "; ".join(known)
     ops = {sql_operation(t) for t in known}
     colls = {sql_collection(t) for t in known}
     distinct = list(dict.fromkeys(t if raw else safe_sanitize(t, mysql) for t in known))
@@ -282,6 +298,7 @@ class _Batch:
     parsed: list[str | None] = field(default_factory=list)
     executed: list[str | None] = field(default_factory=list)
     other: str | None = None
+    values: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -297,6 +314,7 @@ class _Response:
     data_rows: int = 0
     row_description: bool = False
     cut: bool = False
+    values: list[str] = field(default_factory=list)
 
     def complete(self, tag: str) -> None:
         words = tag.split()
@@ -350,12 +368,17 @@ class PostgresParser:
     shares_columns = True
     fields: tuple[str, ...] = FIELDS
 
-    def __init__(self, raw_query_text: bool = False) -> None:
+    def __init__(self, raw_query_text: bool = False, keep_payload: bool = False) -> None:
         self.raw_query_text = raw_query_text
+        self.keep_payload = keep_payload
+        self.fields = (*FIELDS, VALUES_FIELD) if keep_payload else FIELDS
         self._idx: tuple[int, ...] = ()
+        self._values = -1
 
     def bind(self, layout: ColumnLayout) -> None:
         self._idx = layout.indices(FIELDS)
+        if self.keep_payload:
+            self._values = layout.index(VALUES_FIELD)
 
     def parse(
         self, cols: Sequence[str], to_server: bool | None, state: dict[str, object]
@@ -371,6 +394,12 @@ class PostgresParser:
         cut = column_cut(type_col)
         if to_server is None:
             to_server = any(t in FRONTEND_TYPES for t in types)
+        if self._values >= 0 and cols[self._values]:
+            # The segment's values go to the request or response it ends (or
+            # continues); the column does not say which message each is from.
+            _keep_values(
+                conn.batch.values if to_server else conn.response.values, cols[self._values]
+            )
         if to_server:
             return self._client(cols, types, cut, conn)
         return self._server(cols, types, cut, conn)
@@ -508,12 +537,16 @@ class PostgresParser:
         conn.batch = _Batch()
         raw = self.raw_query_text
         if batch.executed or batch.queries:
-            attrs = statement_attrs([*batch.executed, *batch.queries], raw)
+            attrs = statement_attrs(
+                [*batch.executed, *batch.queries], raw, keep_text=self.keep_payload
+            )
         elif batch.parsed:
-            attrs = statement_attrs(batch.parsed, raw)
+            attrs = statement_attrs(batch.parsed, raw, keep_text=self.keep_payload)
             attrs["db.operation.name"] = "PREPARE"
         else:
             attrs = {"db.operation.name": batch.other or "sync"}
+        if batch.values:
+            attrs[PAYLOAD_QUERY_VALUES] = ",".join(batch.values)
         return self._request(conn, attrs)
 
     def _request(self, conn: _Conn, attrs: dict[str, AttrValue]) -> L7Message:
@@ -627,6 +660,8 @@ class PostgresParser:
             attrs["db.response.status_code"] = resp.error
         if conn.namespace:
             attrs["db.namespace"] = conn.namespace
+        if resp.values:
+            attrs[PAYLOAD_REPLY_VALUES] = ",".join(resp.values)
         out.append(L7Message(NAME, False, attrs, error_type=resp.error))
 
 
@@ -646,6 +681,12 @@ def _parse_fit(size: int, name_sizes: set[int]) -> Callable[[int, int], bool]:
         return False
 
     return fit
+
+
+def _keep_values(kept: list[str], column: str) -> None:
+    room = MAX_VALUES_CHARS - sum(len(v) for v in kept)
+    if room > 0:
+        kept.append(column[:room])
 
 
 def _control() -> L7Message:

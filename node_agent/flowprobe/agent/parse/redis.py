@@ -53,7 +53,7 @@ from collections.abc import Sequence
 
 from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.base import split_occurrences
-from flowprobe.agent.parse.messages import AttrValue, L7Message
+from flowprobe.agent.parse.messages import PAYLOAD_QUERY, AttrValue, L7Message
 
 FIELDS = (
     "resp.array.length",
@@ -191,8 +191,9 @@ class RedisParser:
     shares_columns = True
     fields: tuple[str, ...] = FIELDS
 
-    def __init__(self, raw_query_text: bool = False) -> None:
+    def __init__(self, raw_query_text: bool = False, keep_payload: bool = False) -> None:
         self.raw_query_text = raw_query_text
+        self.keep_payload = keep_payload
         self._idx: tuple[int, ...] = ()
 
     def bind(self, layout: ColumnLayout) -> None:
@@ -268,9 +269,11 @@ class RedisParser:
             replies = 1
             if name is not None and _COMMAND_NAME.match(name):
                 attrs["db.operation.name"] = name
-                attrs["db.query.text"] = self._query_text(
-                    name, [value(start + k) for k in range(1, argc)]
-                )
+                args = [value(start + k) for k in range(1, argc)]
+                attrs["db.query.text"] = self._query_text(name, args)
+                if self.keep_payload and name not in SECRET_ARGS:
+                    # For in-agent inspection only (security/ removes it).
+                    attrs[PAYLOAD_QUERY] = " ".join(_text(a) for a in args[:MAX_ARGS])
                 if name in PER_CHANNEL_REPLY and argc > 1:
                     replies = argc - 1
             conn.push(replies)

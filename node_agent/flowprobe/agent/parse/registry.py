@@ -15,11 +15,13 @@ from flowprobe.agent.parse.redis import RedisParser
 def build_parsers(config: AgentConfig) -> list[Parser]:
     raw = config.payload.raw_query_text
     parsers: list[Parser] = [
-        Http1Parser(keep_user_agent=config.payload.user_agent),
+        Http1Parser(
+            keep_user_agent=config.payload.user_agent, keep_payload=config.security.enabled
+        ),
         Http2Parser(keep_user_agent=config.payload.user_agent),
-        RedisParser(raw_query_text=raw),
-        PostgresParser(raw_query_text=raw),
-        MysqlParser(raw_query_text=raw),
+        RedisParser(raw_query_text=raw, keep_payload=config.security.ddr.enabled),
+        PostgresParser(raw_query_text=raw, keep_payload=config.security.ddr.enabled),
+        MysqlParser(raw_query_text=raw, keep_payload=config.security.ddr.enabled),
         DnsParser(),
     ]
     enabled = set(config.protocols)

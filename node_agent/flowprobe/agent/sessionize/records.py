@@ -67,6 +67,9 @@ class Exchange:
     # Events on the connection during the exchange (retransmits, zero windows,
     # resets) as (timestamp µs, name); the exporter turns them into span events.
     events: list[tuple[int, str]] = field(default_factory=list)
+    # Findings of the security stage (security/, off by default): (timestamp
+    # µs, name, attributes), span events with attributes; values are masked.
+    security_events: list[tuple[int, str, dict[str, AttrValue]]] = field(default_factory=list)
 
     @property
     def duration_us(self) -> int:
@@ -121,6 +124,10 @@ class Exchange:
                 out["flowprobe.tcp.rtt.max_us"] = f.rtt_max_us
         if self.events:
             out["flowprobe.events"] = [{"time_unix_us": t, "name": n} for t, n in self.events]
+        if self.security_events:
+            out["flowprobe.security.events"] = [
+                {"time_unix_us": t, "name": n, **a} for t, n, a in self.security_events
+            ]
         return out
 
 

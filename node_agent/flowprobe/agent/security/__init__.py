@@ -1,0 +1,1 @@
+"""Security context on captured traffic: WAF detection (ModSecurity + CRS) and sensitive data."""

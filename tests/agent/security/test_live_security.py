@@ -1,0 +1,341 @@
+"""The security stage live: real attacks and real sensitive data between namespace pods.
+
+The agent captures on the node side, as in production; the CRS and the
+detectors are the real ones. Every output (records, spans) is checked for
+values that should have been masked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flowprobe.devenv.netns import Node, Pod
+from flowprobe.devenv.servers import start_http, start_postgres
+
+pytestmark = [pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
+
+# Raw requests, one connection each, so protocol violations reach the wire
+# as written. Each names the CRS family it must set off.
+ATTACKS: dict[str, tuple[str, bytes]] = {
+    "sqli": (
+        "942",
+        b"GET /items?id=1%27%20UNION%20SELECT%20password%20FROM%20users-- HTTP/1.1\r\n"
+        b"Host: api\r\nUser-Agent: curl/8.5\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+    ),
+    "xss": (
+        "941",
+        b"GET /search?q=%3Cscript%3Ealert(document.cookie)%3C/script%3E HTTP/1.1\r\n"
+        b"Host: api\r\nUser-Agent: curl/8.5\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+    ),
+    "traversal": (
+        "930",
+        b"GET /files?name=../../../../etc/passwd HTTP/1.1\r\n"
+        b"Host: api\r\nUser-Agent: curl/8.5\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+    ),
+    "command": (
+        "932",
+        b"POST /echo HTTP/1.1\r\nHost: api\r\nUser-Agent: curl/8.5\r\nAccept: */*\r\n"
+        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 30\r\n"
+        b"Connection: close\r\n\r\nhost=127.0.0.1%3Bid%3Buname+-a",
+    ),
+    "scanner": (
+        "913",
+        b"GET /admin HTTP/1.1\r\nHost: api\r\nUser-Agent: sqlmap/1.7.2#stable (https://sqlmap.org)"
+        b"\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+    ),
+    "protocol": (
+        "920",
+        # HTTP/1.1 without a Host header.
+        b"GET /nohost HTTP/1.1\r\nUser-Agent: curl/8.5\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+    ),
+}
+
+SEND = r"""
+import socket, sys, json
+ip, reqs = sys.argv[1], json.loads(sys.stdin.read())
+for raw in reqs:
+    s = socket.create_connection((ip, 8080))
+    s.sendall(raw.encode("latin-1"))
+    while s.recv(65536):
+        pass
+    s.close()
+"""
+
+AGENT = [sys.executable, "-m", "flowprobe.agent", "capture", "-i", "any", "-f", "inbound and tcp"]
+# The agent's own /metrics, inside the node namespace.
+METRICS_PORT = 9464
+PACKETS = r"""
+import re, sys, urllib.request
+try:
+    text = urllib.request.urlopen(sys.argv[1], timeout=2).read().decode()
+except OSError:
+    text = ""
+m = re.search(r"^flowprobe_agent_packets_total (\S+)", text, re.M)
+print(float(m.group(1)) if m else 0.0)
+"""
+PROBE = r"""
+import http.client, sys
+c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=5)
+c.request("GET", "/warmup"); c.getresponse().read()
+"""
+
+
+def _agent(
+    node: Node, client: Pod, server_ip: str, out: Path, spans: Path, flags: Sequence[str]
+) -> subprocess.Popen[bytes]:
+    """The agent, once it demonstrably captures: loading the CRS and starting
+    dumpcap take seconds on a busy machine, and nothing else says when it is done."""
+    agent = node.spawn_node(
+        [
+            *AGENT,
+            "--output",
+            str(out),
+            "--console-spans",
+            "--metrics-port",
+            str(METRICS_PORT),
+            *flags,
+        ],
+        stdout=spans.open("wb"),
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    for _ in range(120):
+        client.run([sys.executable, "-c", PROBE, server_ip])
+        seen = subprocess.run(
+            node.node_cmd([sys.executable, "-c", PACKETS, url]), capture_output=True, text=True
+        )
+        if float(seen.stdout.strip() or 0) > 0:
+            return agent
+        assert agent.poll() is None, agent.communicate()[1].decode()
+        time.sleep(0.5)
+    raise AssertionError("the agent never captured a packet")
+
+
+def _stop(agent: subprocess.Popen[bytes]) -> str:
+    os.killpg(agent.pid, signal.SIGINT)
+    _, err = agent.communicate(timeout=120)
+    assert agent.returncode == 0, err.decode()
+    return err.decode()
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _events(rec: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [e for e in rec.get("flowprobe.security.events", []) if e["name"] == name]
+
+
+@pytest.fixture
+def waf_pods() -> Iterator[tuple[Node, str, Pod]]:
+    with Node(subnet="10.254.6.0/24") as node:
+        client = node.add_pod("client")
+        api = node.add_pod("api")
+        start_http(api, 8080)
+        yield node, api.ip, client
+
+
+def test_attacks_set_off_their_crs_family_and_benign_traffic_nothing(
+    waf_pods: tuple[Node, str, Pod], tmp_path: Path
+) -> None:
+    node, api_ip, client = waf_pods
+    out, spans = tmp_path / "x.jsonl", tmp_path / "spans.jsonl"
+    agent = _agent(node, client, api_ip, out, spans, ["--waf"])
+    raw = [req.decode("latin-1") for _, req in ATTACKS.values()]
+    r = client.run([sys.executable, "-c", SEND, api_ip], input=json.dumps(raw))
+    assert r.returncode == 0, r.stderr
+    # The demo's benign load, against the same server.
+    r = client.run(
+        [
+            sys.executable,
+            "-m",
+            "flowprobe.devenv.loadgen",
+            "--target",
+            api_ip,
+            "--requests",
+            "200",
+            "--rate",
+            "400",
+        ]
+    )
+    assert r.returncode == 0, r.stderr
+    time.sleep(1.0)
+    _stop(agent)
+    records = _records(out)
+    by_path = {
+        rec["url.path"]: rec for rec in records if not rec["url.path"].startswith("/orders/")
+    }
+    for name, (family, request) in ATTACKS.items():
+        path = request.split(b" ")[1].split(b"?")[0].decode()
+        matches = _events(by_path[path], "flowprobe.waf.match")
+        families = {str(m["flowprobe.waf.rule.id"])[:3] for m in matches}
+        assert family in families, (name, families)
+        for m in matches:
+            assert m["flowprobe.waf.rule.severity"]
+            assert len(m["flowprobe.waf.matched_data"]) <= 64
+    benign = [rec for rec in records if rec["url.path"].startswith("/orders/")]
+    assert len(benign) == 200
+    assert not [rec for rec in benign if "flowprobe.security.events" in rec]
+    # The payload kept for inspection never reaches an output.
+    text = out.read_text() + spans.read_text()
+    assert "flowprobe.payload." not in text
+    # The spans carry the same findings as events.
+    span_events = [
+        e["name"] for line in spans.read_text().splitlines() for e in json.loads(line)["events"]
+    ]
+    assert span_events.count("flowprobe.waf.match") >= len(ATTACKS)
+
+
+CUSTOMERS = [
+    {
+        "name": "Ada",
+        "email": "ada.lovelace@example.com",
+        "card": "4111 1111 1111 1111",
+        "iban": "DE89370400440532013000",
+        "ssn": "078-05-1120",
+        "phone": "+44 20 7946 0958",
+    },
+    {
+        "name": "Grace",
+        "email": "grace@example.org",
+        "card": "5500005555555559",
+        "iban": "GB82WEST12345698765432",
+        "ssn": "219-09-9999",
+        "phone": "+1 415-555-2671",
+    },
+]
+# Same shapes, failing the checks: bad Luhn, bad IBAN checksum, never-issued SSN.
+LOOK_ALIKES = {"ref": "4111111111111112", "acct": "DE89370400440532013001", "num": "666-12-3456"}
+SECRETS = [
+    "4111 1111 1111 1111",
+    "4111111111111111",
+    "5500005555555559",
+    "DE89370400440532013000",
+    "GB82WEST12345698765432",
+    "078-05-1120",
+    "219-09-9999",
+    "ada.lovelace@example.com",
+    "7946 0958",
+    "bob@example.net",
+    "42 68 53 00",
+]
+
+FRONTEND = r"""
+import http.client, json, sys
+ip, customers, look = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+c = http.client.HTTPConnection(ip, 8080, timeout=10)
+def call(method, path, doc=None):
+    body = json.dumps(doc).encode() if doc is not None else None
+    c.request(method, path, body, {"Content-Type": "application/json"} if body else {})
+    r = c.getresponse(); return r.status, r.read()
+ids = [json.loads(call("POST", "/customers", cu)[1])["id"] for cu in customers]
+for i in ids:
+    call("GET", f"/customers/{i}")
+call("POST", "/contacts", {"email": "bob@example.net", "phone": "+33 1 42 68 53 00"})
+call("POST", "/notes", look)
+"""
+
+
+@pytest.fixture
+def ddr_pods(tmp_path: Path) -> Iterator[tuple[Node, Pod, Pod, Pod]]:
+    with Node(subnet="10.254.7.0/24") as node:
+        frontend = node.add_pod("frontend")
+        api = node.add_pod("api")
+        pg = node.add_pod("postgres")
+        start_postgres(pg, tmp_path / "pg")
+        start_http(api, 8080, "flowprobe.devenv.secapp", pg.ip)
+        yield node, frontend, api, pg
+
+
+def test_sensitive_records_detected_on_their_edges_masked_and_linked(
+    ddr_pods: tuple[Node, Pod, Pod, Pod], tmp_path: Path
+) -> None:
+    node, frontend, api, pg = ddr_pods
+    out, spans = tmp_path / "x.jsonl", tmp_path / "spans.jsonl"
+    agent = _agent(node, frontend, api.ip, out, spans, ["--ddr", "--waf"])
+    r = frontend.run(
+        [sys.executable, "-c", FRONTEND, api.ip, json.dumps(CUSTOMERS), json.dumps(LOOK_ALIKES)]
+    )
+    assert r.returncode == 0, r.stderr
+    time.sleep(3.0)
+    _stop(agent)
+    records = _records(out)
+    every = {"card", "iban", "national_id", "email", "phone"}
+
+    def on_edge(client_ip: str, server_ip: str) -> list[dict[str, Any]]:
+        return [
+            rec
+            for rec in records
+            if rec["client.address"] == client_ip and rec["server.address"] == server_ip
+        ]
+
+    http = on_edge(frontend.ip, api.ip)
+    posts = [rec for rec in http if rec.get("url.path") == "/customers"]
+    gets = [rec for rec in http if str(rec.get("url.path", "")).startswith("/customers/")]
+    assert len(posts) == 2 and len(gets) == 2
+    for rec in posts + gets:
+        assert every <= set(rec["flowprobe.ddr.categories"]), rec
+    first_http = {
+        e["flowprobe.ddr.category"]
+        for rec in http
+        for e in _events(rec, "flowprobe.ddr.first_seen")
+    }
+    assert every <= first_http
+    # Each category alerts once per edge: the second record brings nothing new.
+    assert not _events(posts[1], "flowprobe.ddr.first_seen")
+
+    sql = on_edge(api.ip, pg.ip)
+    inserts = [
+        rec for rec in sql if str(rec.get("db.query.text", "")).startswith("INSERT INTO customers")
+    ]
+    assert len(inserts) == 2
+    for rec in inserts:
+        assert every <= set(rec["flowprobe.ddr.categories"]), rec
+    first_sql = {
+        e["flowprobe.ddr.category"] for rec in sql for e in _events(rec, "flowprobe.ddr.first_seen")
+    }
+    assert every <= first_sql
+
+    # Values that travel apart from the SQL text: Bind parameters (the
+    # contact) and the rows a SELECT returns (the customers).
+    contacts = [rec for rec in sql if "contacts" in str(rec.get("db.query.text", ""))]
+    assert contacts and {"email", "phone"} <= set(contacts[0]["flowprobe.ddr.categories"])
+    selects = [rec for rec in sql if str(rec.get("db.query.text", "")).startswith("SELECT")]
+    assert selects and all(every <= set(rec["flowprobe.ddr.categories"]) for rec in selects)
+
+    # Look-alikes that fail the checks are not flagged, on either edge.
+    notes = [rec for rec in http if rec.get("url.path") == "/notes"]
+    note_sql = [rec for rec in sql if "notes" in str(rec.get("db.query.text", ""))]
+    assert notes and note_sql
+    for rec in notes + note_sql:
+        assert "flowprobe.ddr.categories" not in rec, rec
+
+    # Masked everywhere: records and spans.
+    text = out.read_text() + spans.read_text()
+    for secret in SECRETS:
+        assert secret not in text, secret
+    assert "************1111" in text
+
+    # Lineage: each POST and the INSERT it caused are one trace.
+    span_list = [json.loads(line) for line in spans.read_text().splitlines()]
+    server_posts = [
+        s for s in span_list if s["kind"] == "SpanKind.SERVER" and s["name"] == "POST /customers"
+    ]
+    insert_spans = [s for s in span_list if s["name"].startswith("INSERT")]
+    customers_inserts = [s for s in insert_spans if "customers" in s["name"]]
+    assert len(server_posts) == 2 and len(customers_inserts) == 2
+    assert {s["context"]["trace_id"] for s in server_posts} == {
+        s["context"]["trace_id"] for s in customers_inserts
+    }
+    post_ids = {s["context"]["span_id"] for s in server_posts}
+    assert {s["parent_id"] for s in customers_inserts} <= post_ids
