@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from flowprobe.agent.capture.rotate import DEFAULT_TSHARK_RSS_LIMIT, RotatingCapture
 from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools, read_sharded
 from flowprobe.agent.config import ALL_PROTOCOLS, AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.export import otlp
@@ -165,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cap.add_argument("--filter", "-f", help="BPF capture filter")
     cap.add_argument("--duration", type=float, help="stop after this many seconds")
+    cap.add_argument(
+        "--tshark-rss-limit",
+        type=int,
+        default=DEFAULT_TSHARK_RSS_LIMIT >> 20,
+        metavar="MB",
+        help="replace tshark (make-before-break) when its memory passes this (default %(default)s)",
+    )
     sub.add_parser(
         "daemon",
         help="run on a Kubernetes node, configured by the operator through the environment "
@@ -401,7 +409,10 @@ def _capture(
     summary: Summary,
 ) -> int:
     try:
-        live = LiveCapture(tools, args.interface, pipeline.tshark_options, bpf=args.filter)
+        live = RotatingCapture(
+            lambda: LiveCapture(tools, args.interface, pipeline.tshark_options, bpf=args.filter),
+            tshark_rss_limit=args.tshark_rss_limit << 20,
+        )
     except CaptureError as exc:
         print(f"flowprobe-agent: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -438,7 +449,8 @@ def _capture(
     counts = live.capture_counts()
     if counts is not None:
         stats.capture_received, stats.capture_dropped = counts
-    err = live.dumpcap_error() or live.rows.error
+    stats.tshark_rotations = live.rotations
+    err = live.error()
     if err and not stop.is_set():
         print(f"flowprobe-agent: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -46,6 +46,14 @@ TS, SRC, SPORT, DST, DPORT, PAYLOAD_LEN, TCP_FLAGS = range(7)
 RETRANS, OUT_OF_ORDER, ZERO_WINDOW, ACK_RTT = range(7, 11)
 
 
+def parse_ts_us(s: str) -> int:
+    sec, _, frac = s.partition(".")
+    if len(frac) >= 6:
+        # tshark's epoch time column: six or nine decimals.
+        return int(sec) * 1_000_000 + int(frac[:6])
+    return int(sec) * 1_000_000 + int((frac + "000000")[:6])
+
+
 @dataclass(frozen=True)
 class ColumnLayout:
     """Column -> index, shared by tshark's command line and the parsers.

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flowprobe.agent.capture import columns as c
-from flowprobe.agent.capture.columns import ColumnLayout
+from flowprobe.agent.capture.columns import ColumnLayout, parse_ts_us
 from flowprobe.agent.parse.base import Parser
 from flowprobe.agent.parse.messages import AttrValue, L7Message
 from flowprobe.agent.sessionize.records import Connection, Endpoints, Exchange, Outcome, TcpFigures
@@ -32,14 +32,6 @@ DPKT_A, DPKT_B = 13, 14  # packets carrying payload, per side
 N_COUNTERS = 15
 MAX_EVENTS_PER_FLOW = 64
 MAX_PENDING_PER_FLOW = 1024
-
-
-def parse_ts_us(s: str) -> int:
-    sec, _, frac = s.partition(".")
-    if len(frac) >= 6:
-        # tshark's epoch time column: six or nine decimals.
-        return int(sec) * 1_000_000 + int(frac[:6])
-    return int(sec) * 1_000_000 + int((frac + "000000")[:6])
 
 
 @dataclass

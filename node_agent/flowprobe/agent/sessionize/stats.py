@@ -17,6 +17,8 @@ class Stats:
     # dumpcap's own counts at the end of a live capture.
     capture_received: int = 0
     capture_dropped: int = 0
+    # tshark processes replaced because their memory grew (capture.rotate).
+    tshark_rotations: int = 0
     anomalies: Counter[str] = field(default_factory=Counter)
     _logged: set[str] = field(default_factory=set)
 
@@ -36,5 +38,6 @@ class Stats:
             "connections": self.connections,
             "capture_received": self.capture_received,
             "capture_dropped": self.capture_dropped,
+            "tshark_rotations": self.tshark_rotations,
             "anomalies": dict(sorted(self.anomalies.items())),
         }
