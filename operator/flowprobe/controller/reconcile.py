@@ -11,9 +11,12 @@ the periodic resync) requests one run of ``reconcile_once``, which
 4. observes agent pods, agent reports and matched pods, and writes each
    Managed policy's status (status.py), posting Events on transitions.
 
-Requests are coalesced: concurrent requests share one run, and a run that
-starts after a request covers it. Each step is idempotent, so a run cut short
-(operator killed mid-way) is completed by the next one.
+Watch events only ``trigger()``: a flag, not a queue, so however many events
+arrive while a run is pending or going on, they cause at most one more run.
+Callers that must see a run happen (startup, resync, tests) ``request()``
+one; concurrent requests share it, and a run that starts after a request or
+trigger covers it. Each step is idempotent, so a run cut short (operator
+killed mid-way) is completed by the next one.
 """
 
 from __future__ import annotations
@@ -58,6 +61,23 @@ def _selector(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+def _node_of(pod: dict[str, Any]) -> str | None:
+    """The node an agent pod runs on or, until the scheduler binds it, is meant for."""
+    spec = pod.get("spec") or {}
+    if spec.get("nodeName"):
+        return str(spec["nodeName"])
+    # The DaemonSet controller pins each pod to its node with a required
+    # node affinity on metadata.name; counting unbound pods by it keeps a
+    # policy from looking Ready while some of its agents are not even placed.
+    affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    for term in required.get("nodeSelectorTerms") or []:
+        for field in term.get("matchFields") or []:
+            if field.get("key") == "metadata.name" and field.get("values"):
+                return str(field["values"][0])
+    return None
+
+
 def _parse_time(value: Any) -> datetime.datetime | None:
     if not value:
         return None
@@ -88,6 +108,8 @@ class Reconciler:
         self._clock = clock
         self._debounce = debounce
         self._lock = asyncio.Lock()
+        # Set by trigger(), cleared when a run starts: "something changed since".
+        self._dirty = asyncio.Event()
         self._requested = 0
         self._completed = 0
         self._last_success_started: float | None = None
@@ -105,6 +127,10 @@ class Reconciler:
         # Earliest time limit among the applied policies: the resync does not
         # wait for resyncSeconds to mark a policy Expired and drop it.
         self._next_deadline: datetime.datetime | None = None
+        # Matched-pod counts, for which policies (uid, generation) and since when.
+        self._counts: dict[str, int] = {}
+        self._counted_key: frozenset[tuple[str, int]] | None = None
+        self._counted_at: float | None = None
 
     # -- triggers -------------------------------------------------------------
 
@@ -123,6 +149,29 @@ class Reconciler:
         if event_type == "DELETED" or kind == "DaemonSet":
             return True
         return self._applied.get(kind) != resource_version
+
+    def trigger(self) -> None:
+        """Ask for a run without waiting for it (watch handlers; see serve_triggers)."""
+        self._dirty.set()
+
+    async def serve_triggers(self) -> None:
+        """Turn triggers into runs, one after the other, until cancelled.
+
+        A handler that awaited its run would hold kopf's worker for that
+        object and, with one run per event, a DaemonSet rollout (one status
+        update per batch of pods) would queue a run per update; here every
+        event that lands before a run starts is covered by that run.
+        """
+        while True:
+            await self._dirty.wait()
+            if not self.active:
+                self._dirty.clear()
+                continue
+            try:
+                await self.request()
+            except Exception:
+                # Logged with its traceback; the next event or the resync retries.
+                log.exception("reconcile failed")
 
     async def request(self, *, max_age: float = 0.0) -> None:
         """Run a reconcile that starts after this call (shared with concurrent callers).
@@ -144,6 +193,7 @@ class Reconciler:
             # Let a burst of events (kubectl apply -f dir/) land in one run.
             await asyncio.sleep(self._debounce)
             covered = self._requested
+            self._dirty.clear()
             started = time.monotonic()
             self._busy_since = started
             try:
@@ -301,7 +351,7 @@ class Reconciler:
         pods = []
         for pod in items:
             meta = pod["metadata"]
-            node = (pod.get("spec") or {}).get("nodeName")
+            node = _node_of(pod)
             if meta.get("deletionTimestamp") or not node:
                 continue
             ready: dict[str, Any] = next(
@@ -358,27 +408,58 @@ class Reconciler:
         return reports
 
     async def _matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
+        """Running pods each Managed policy selects; recounted only when it may differ.
+
+        Counting lists pods, by far the biggest answer a run asks for on a
+        large cluster, and no watch says when app pods change. So the counts
+        are taken again when the set of policies or a spec changed, and
+        otherwise at most once per resyncSeconds; runs triggered by the agent
+        DaemonSet's status reuse them.
+        """
+        key = frozenset((p.metadata.uid, p.metadata.generation) for p in policies)
+        # Ages from the start of the run, the time the resync goes by, so
+        # that every periodic run finds the counts due.
+        run_started = self._busy_since if self._busy_since is not None else time.monotonic()
+        last = self._counted_at
+        fresh = last is not None and run_started - last < self.config.resync_seconds
+        if key == self._counted_key and fresh:
+            return self._counts
+        counts = await self._count_matched_pods(policies)
+        self._counted_key, self._counted_at, self._counts = key, run_started, counts
+        return counts
+
+    async def _count_matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
         if not policies:
             return {}
-        # Metadata only: labels are all that matching needs, and a full pod
-        # list of a big cluster is tens of megabytes.
         namespaces = {
             n["metadata"]["name"]: n["metadata"].get("labels") or {}
             for n in await self.kube.list(kube.NAMESPACES, metadata_only=True)
         }
-        pods = await self.kube.list(
-            kube.PODS, field_selector="status.phase=Running", metadata_only=True
-        )
+        # The API server filters by the pod selector, so a run reads only the
+        # pods a policy could match; metadata only, since labels and the
+        # namespace are all that matching needs. Policies with the same pod
+        # selector share one list.
+        by_selector: dict[str, list[dict[str, Any]]] = {}
         counts = {}
         for pol in policies:
             ns_sel: LabelSelector = pol.spec.namespace_selector
             selected = {name for name, labels in namespaces.items() if ns_sel.matches(labels)}
+            query = pol.spec.pod_selector.to_query()
+            if query is None or not selected:
+                counts[pol.name] = 0
+                continue
+            if query not in by_selector:
+                by_selector[query] = await self.kube.list(
+                    kube.PODS,
+                    label_selector=query or None,
+                    field_selector="status.phase=Running",
+                    metadata_only=True,
+                )
             counts[pol.name] = sum(
                 1
-                for p in pods
+                for p in by_selector[query]
                 if p["metadata"].get("namespace") in selected
                 and not p["metadata"].get("deletionTimestamp")
-                and pol.spec.pod_selector.matches(p["metadata"].get("labels") or {})
             )
         return counts
 

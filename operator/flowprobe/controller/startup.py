@@ -92,6 +92,7 @@ async def startup(
         rt.tasks.append(asyncio.create_task(rt.elector.run(), name="leader-election"))
     else:
         _leadership_changed(rt, True)
+    rt.tasks.append(asyncio.create_task(reconciler.serve_triggers(), name="triggers"))
     rt.tasks.append(asyncio.create_task(_resync_forever(rt), name="resync"))
     memo[_MEMO_KEY] = rt
     logger.info(
