@@ -451,7 +451,7 @@ def _app_pod(api: FakeKube, ns: str, name: str, labels: dict[str, str]) -> None:
 
 
 @sync
-async def test_matched_pods_are_counted_by_selector_and_only_when_due() -> None:
+async def test_matched_pods_are_counted_by_selector_in_the_background_when_due() -> None:
     api = FakeKube()
     rec = _reconciler(api)
     for ns, labels in (("shop", {"capture": "yes"}), ("other", {})):
@@ -466,30 +466,48 @@ async def test_matched_pods_are_counted_by_selector_and_only_when_due() -> None:
     def pod_lists() -> list[str | None]:
         return [sel for plural, sel in api.metadata_lists if plural == "pods"]
 
-    def matched() -> int:
-        count: int = api.objects[("probepolicies", None, "web")]["status"]["matchedPods"]
+    def matched() -> int | None:
+        status = api.objects[("probepolicies", None, "web")].get("status") or {}
+        count: int | None = status.get("matchedPods")
         return count
 
+    async def run() -> None:
+        """One run, then the count it started, then the run that count triggers."""
+        await rec.reconcile_once()
+        if rec.counting is not None:
+            await rec.counting
+        if rec._dirty.is_set():
+            await rec.reconcile_once()
+
     await rec.reconcile_once()
+    assert rec.counting is not None  # the run did not wait for the count
+    await rec.counting
     # One list for both policies, filtered by the API server.
-    assert pod_lists() == ["app=web"] and matched() == 0
+    assert pod_lists() == ["app=web"]
 
     _run_agents(api, "n1")
     for ns in ("shop", "other"):
         _app_pod(api, ns, "web-1", {"app": "web"})
         _app_pod(api, ns, "db-1", {"app": "db"})
-    await rec.reconcile_once()  # as for an agent event: the counts are reused
+    await run()  # as for an agent event: the counts are reused
     assert len(pod_lists()) == 1 and matched() == 0
 
     api.objects[("probepolicies", None, "web2")]["metadata"]["generation"] = 2
-    await rec.reconcile_once()  # a spec changed: counted again
+    await run()  # a spec changed: counted again, and the new count written
     assert len(pod_lists()) == 2 and matched() == 1
 
     _app_pod(api, "shop", "web-2", {"app": "web"})
     assert rec._counted_at is not None
     rec._counted_at -= rec.config.resync_seconds  # as old as the resync interval
-    await rec.reconcile_once()
+    await run()
     assert len(pod_lists()) == 3 and matched() == 2
+
+    api.fail[("list", "namespaces")] = KubeError("GET", "/api/v1/namespaces", 500, "timeout")
+    rec._counted_at -= rec.config.resync_seconds
+    await rec.reconcile_once()
+    assert rec.counting is not None
+    await rec.counting  # a failed count keeps the old one; it does not fail the run
+    assert matched() == 2
 
 
 @sync

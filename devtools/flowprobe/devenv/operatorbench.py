@@ -837,9 +837,7 @@ def run(args: argparse.Namespace) -> int:
         log(f"cluster up in {start_s:.1f} s: {cluster.server} (work dir {cluster.workdir})")
         api = Api(cluster)
         cluster.kubectl("apply", "--server-side", "-f", str(CRDS))
-        cluster.kubectl(
-            "wait", "--for=condition=Established", "crd/probepolicies.flowprobe.io", "--timeout=60s"
-        )
+        cluster.wait_established("probepolicies.flowprobe.io")
         cluster.kubectl("create", "namespace", OPERATOR_NS)
 
         t0 = time.monotonic()

@@ -22,6 +22,7 @@ killed mid-way) is completed by the next one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import socket
@@ -127,8 +128,10 @@ class Reconciler:
         # Earliest time limit among the applied policies: the resync does not
         # wait for resyncSeconds to mark a policy Expired and drop it.
         self._next_deadline: datetime.datetime | None = None
-        # Matched-pod counts, for which policies (uid, generation) and since when.
+        # Matched-pod counts, for which policies (uid, generation) and since
+        # when, and the background task taking the next count.
         self._counts: dict[str, int] = {}
+        self.counting: asyncio.Task[None] | None = None
         self._counted_key: frozenset[tuple[str, int]] | None = None
         self._counted_at: float | None = None
 
@@ -321,17 +324,18 @@ class Reconciler:
             rollout_complete = st.get("observedGeneration") == spec_gen and st.get(
                 "updatedNumberScheduled", 0
             ) == st.get("desiredNumberScheduled", 0)
-            pods = self._agent_pods(
-                await self.kube.list(
+            # Independent reads: concurrent, so a run under a busy API server
+            # waits for the slowest, not for their sum.
+            pod_items, leases, nodes = await asyncio.gather(
+                self.kube.list(
                     kube.PODS, ns, label_selector=_selector(selector_labels(self.config))
-                )
+                ),
+                self._report_leases(),
+                self._node_metadata(comp),
             )
-            reports = self._reports(await self._report_leases(), now)
-            if any(p.node_selector for p in comp.policy_set.policies):
-                nodes = await self.kube.list(kube.NODES, metadata_only=True)
-                node_labels = {
-                    n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes
-                }
+            pods = self._agent_pods(pod_items)
+            reports = self._reports(leases, now)
+            node_labels = {n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes}
         managed = [p for p in parsed if isinstance(p, ProbePolicy) and p.managed]
         return Observation(
             now=now,
@@ -341,10 +345,16 @@ class Reconciler:
             agent_pods=pods,
             node_labels=node_labels,
             reports=reports,
-            matched_pods=await self._matched_pods(managed),
+            matched_pods=self._matched_pods(managed),
             reconcile_error=error,
             report_grace=datetime.timedelta(seconds=self.config.agent_report_grace_seconds),
         )
+
+    async def _node_metadata(self, comp: Compilation) -> list[dict[str, Any]]:
+        # Node labels matter only for policies with a node selector.
+        if not any(p.node_selector for p in comp.policy_set.policies):
+            return []
+        return await self.kube.list(kube.NODES, metadata_only=True)
 
     @staticmethod
     def _agent_pods(items: list[dict[str, Any]]) -> list[AgentPod]:
@@ -407,14 +417,16 @@ class Reconciler:
             reports[report.node] = report
         return reports
 
-    async def _matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
-        """Running pods each Managed policy selects; recounted only when it may differ.
+    def _matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
+        """Matched-pod counts as last taken; a new count starts in the background when due.
 
-        Counting lists pods, by far the biggest answer a run asks for on a
-        large cluster, and no watch says when app pods change. So the counts
-        are taken again when the set of policies or a spec changed, and
-        otherwise at most once per resyncSeconds; runs triggered by the agent
-        DaemonSet's status reuse them.
+        Counting lists pods, by far the biggest answer on a large cluster, and
+        no watch says when app pods change. So counts are taken again only
+        when the set of policies or a spec changed, or when they are
+        resyncSeconds old; and never inside a run: a count under a busy API
+        server can take seconds, and a run that waited for it would hold up
+        the status of everything else (Ready after a rollout). A finished
+        count that changed anything triggers a run that writes it.
         """
         key = frozenset((p.metadata.uid, p.metadata.generation) for p in policies)
         # Ages from the start of the run, the time the resync goes by, so
@@ -422,11 +434,34 @@ class Reconciler:
         run_started = self._busy_since if self._busy_since is not None else time.monotonic()
         last = self._counted_at
         fresh = last is not None and run_started - last < self.config.resync_seconds
-        if key == self._counted_key and fresh:
-            return self._counts
-        counts = await self._count_matched_pods(policies)
-        self._counted_key, self._counted_at, self._counts = key, run_started, counts
-        return counts
+        idle = self.counting is None or self.counting.done()
+        if (key != self._counted_key or not fresh) and idle:
+            self.counting = asyncio.create_task(
+                self._recount(key, run_started, list(policies)), name="count-matched-pods"
+            )
+        return self._counts
+
+    async def _recount(
+        self, key: frozenset[tuple[str, int]], started: float, policies: list[ProbePolicy]
+    ) -> None:
+        try:
+            counts = await self._count_matched_pods(policies)
+        except KubeError as exc:
+            # The old counts stay; the next run starts another count.
+            log.warning("counting matched pods failed: %s", exc)
+            return
+        changed = counts != self._counts
+        self._counted_key, self._counted_at, self._counts = key, started, counts
+        if changed:
+            self.trigger()
+
+    async def stop(self) -> None:
+        """Cancel a count in progress (operator shutdown)."""
+        self.active = False
+        if self.counting is not None:
+            self.counting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.counting
 
     async def _count_matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
         if not policies:

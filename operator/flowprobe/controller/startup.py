@@ -138,7 +138,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt = runtime(memo)
     if rt is None:
         return
-    rt.reconciler.active = False
+    await rt.reconciler.stop()
     for task in rt.tasks:
         task.cancel()
     for task in rt.tasks:
