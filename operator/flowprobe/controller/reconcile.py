@@ -8,8 +8,9 @@ the periodic resync) requests one run of ``reconcile_once``, which
 2. compiles them (compiler.py), keeping Unmanaged policies' frozen entries;
 3. renders the ServiceAccount, ConfigMap and DaemonSet (render.py) and applies
    them with server-side apply, or deletes them when nothing is left to apply;
-4. observes agent pods, agent reports and matched pods, and writes each
-   Managed policy's status (status.py), posting Events on transitions.
+4. observes agent pods and agent reports, takes the matched-pod counts last
+   taken in the background (``_matched_pods``), and writes each Managed
+   policy's status (status.py), posting Events on transitions.
 
 Watch events only ``trigger()``: a flag, not a queue, so however many events
 arrive while a run is pending or going on, they cause at most one more run.
