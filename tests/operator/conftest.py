@@ -26,10 +26,5 @@ def get_json(cluster: LocalCluster, *args: str) -> Any:
 def crds(local_cluster: LocalCluster) -> Iterator[LocalCluster]:
     """The ProbePolicy CRD, applied from crds/ as a user would."""
     local_cluster.kubectl("apply", "--server-side", "-f", str(REPO / "crds"))
-    local_cluster.kubectl(
-        "wait",
-        "--for=condition=Established",
-        "crd/probepolicies.flowprobe.io",
-        "--timeout=60s",
-    )
+    local_cluster.wait_established("probepolicies.flowprobe.io")
     yield local_cluster

@@ -296,3 +296,28 @@ def test_label_selector_semantics() -> None:
     assert not sel.matches({"app": "web", "tier": "a", "team": "t", "zone": "x"})
     assert not sel.matches({"app": "web", "tier": "a"})
     assert LabelSelector().matches({})
+
+
+def test_label_selector_as_a_query() -> None:
+    sel = LabelSelector.model_validate(
+        {
+            "matchLabels": {"app": "web", "a.io/x": "1"},
+            "matchExpressions": [
+                {"key": "tier", "operator": "In", "values": ["a", "b"]},
+                {"key": "canary", "operator": "DoesNotExist"},
+                {"key": "zone", "operator": "NotIn", "values": ["x"]},
+                {"key": "team", "operator": "Exists"},
+            ],
+        }
+    )
+    assert sel.to_query() == "a.io/x=1,app=web,tier in (a,b),!canary,zone notin (x),team"
+    assert LabelSelector().to_query() == ""
+    # The CRD refuses empty values for In and NotIn; the model still answers sensibly.
+    nothing = LabelSelector.model_validate(
+        {"matchExpressions": [{"key": "k", "operator": "In", "values": []}]}
+    )
+    assert nothing.to_query() is None and not nothing.matches({"k": "v"})
+    anything = LabelSelector.model_validate(
+        {"matchExpressions": [{"key": "k", "operator": "NotIn", "values": []}]}
+    )
+    assert anything.to_query() == "" and anything.matches({})

@@ -8,6 +8,7 @@ hard to provoke on a real server).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import itertools
@@ -31,6 +32,8 @@ class FakeKube(Kube):
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
         self.writes: list[tuple[str, str]] = []
+        # (plural, label selector) of every metadata-only list
+        self.metadata_lists: list[tuple[str, str | None]] = []
         self.fail: dict[tuple[str, str], KubeError] = {}
         self._rv = itertools.count(100)
 
@@ -67,6 +70,8 @@ class FakeKube(Kube):
         metadata_only: bool = False,
     ) -> list[dict[str, Any]]:
         self._check("list", res.plural)
+        if metadata_only:
+            self.metadata_lists.append((res.plural, label_selector))
         want = dict(p.split("=", 1) for p in label_selector.split(",")) if label_selector else {}
         out = []
         for (plural, ns, _), obj in self.objects.items():
@@ -387,6 +392,154 @@ async def test_a_standby_replica_does_nothing() -> None:
     _add_policy(api, "web")
     await rec.request()
     assert api.writes == []
+
+
+@sync
+async def test_ready_waits_until_every_agent_pod_exists() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    await rec.reconcile_once()
+    _run_agents(api, "n1")
+    ds = api.objects[("daemonsets", NS, AGENT)]
+    # The DaemonSet controller has created one of two pods; the one there is ready.
+    ds["status"].update(desiredNumberScheduled=2, updatedNumberScheduled=1)
+    await rec.reconcile_once()
+    assert _conditions(api, "web")["Ready"] == ("False", "AgentsProgressing")
+
+    # Both created, the second not bound yet: it counts for its node from the
+    # DaemonSet controller's node affinity.
+    ds["status"].update(updatedNumberScheduled=2)
+    template = ds["spec"]["template"]["metadata"]
+    pinned = {
+        "requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [
+                {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n2"]}]}
+            ]
+        }
+    }
+    api.put(
+        kube.PODS,
+        {
+            "metadata": {
+                "name": f"{AGENT}-n2",
+                "namespace": NS,
+                "labels": template["labels"],
+                "annotations": template["annotations"],
+            },
+            "spec": {"affinity": {"nodeAffinity": pinned}},
+            "status": {"phase": "Pending"},
+        },
+    )
+    await rec.reconcile_once()
+    assert _conditions(api, "web")["Ready"] == ("False", "AgentsUnavailable")
+    assert api.objects[("probepolicies", None, "web")]["status"]["nodes"] == "1/2"
+
+    _run_agents(api, "n1", "n2")
+    await rec.reconcile_once()
+    assert _conditions(api, "web")["Ready"] == ("True", "AgentsReady")
+
+
+def _app_pod(api: FakeKube, ns: str, name: str, labels: dict[str, str]) -> None:
+    api.put(
+        kube.PODS,
+        {
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "status": {"phase": "Running"},
+        },
+    )
+
+
+@sync
+async def test_matched_pods_are_counted_by_selector_in_the_background_when_due() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    for ns, labels in (("shop", {"capture": "yes"}), ("other", {})):
+        api.put(kube.NAMESPACES, {"metadata": {"name": ns, "labels": labels}})
+    spec = {
+        "namespaceSelector": {"matchLabels": {"capture": "yes"}},
+        "podSelector": {"matchLabels": {"app": "web"}},
+    }
+    _add_policy(api, "web", spec)
+    _add_policy(api, "web2", spec)
+
+    def pod_lists() -> list[str | None]:
+        return [sel for plural, sel in api.metadata_lists if plural == "pods"]
+
+    def matched() -> int | None:
+        status = api.objects[("probepolicies", None, "web")].get("status") or {}
+        count: int | None = status.get("matchedPods")
+        return count
+
+    async def run() -> None:
+        """One run, then the count it started, then the run that count triggers."""
+        await rec.reconcile_once()
+        if rec.counting is not None:
+            await rec.counting
+        if rec._dirty.is_set():
+            await rec.reconcile_once()
+
+    await rec.reconcile_once()
+    assert rec.counting is not None  # the run did not wait for the count
+    await rec.counting
+    # One list for both policies, filtered by the API server.
+    assert pod_lists() == ["app=web"]
+
+    _run_agents(api, "n1")
+    for ns in ("shop", "other"):
+        _app_pod(api, ns, "web-1", {"app": "web"})
+        _app_pod(api, ns, "db-1", {"app": "db"})
+    await run()  # as for an agent event: the counts are reused
+    assert len(pod_lists()) == 1 and matched() == 0
+
+    api.objects[("probepolicies", None, "web2")]["metadata"]["generation"] = 2
+    await run()  # a spec changed: counted again, and the new count written
+    assert len(pod_lists()) == 2 and matched() == 1
+
+    _app_pod(api, "shop", "web-2", {"app": "web"})
+    assert rec._counted_at is not None
+    rec._counted_at -= rec.config.resync_seconds  # as old as the resync interval
+    await run()
+    assert len(pod_lists()) == 3 and matched() == 2
+
+    api.fail[("list", "namespaces")] = KubeError("GET", "/api/v1/namespaces", 500, "timeout")
+    rec._counted_at -= rec.config.resync_seconds
+    await rec.reconcile_once()
+    assert rec.counting is not None
+    await rec.counting  # a failed count keeps the old one; it does not fail the run
+    assert matched() == 2
+
+
+@sync
+async def test_triggers_coalesce_into_at_most_one_pending_run() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    runs = 0
+    original = rec.reconcile_once
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> Any:
+        nonlocal runs
+        runs += 1
+        started.set()
+        await release.wait()
+        return await original()
+
+    rec.reconcile_once = slow  # type: ignore[method-assign]
+    server = asyncio.create_task(rec.serve_triggers())
+    rec.trigger()
+    await started.wait()
+    for _ in range(50):  # a burst of events while the first run is going on
+        rec.trigger()
+    release.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    server.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await server
+    assert runs == 2
+    assert api.items(kube.DAEMONSETS)
 
 
 def test_event_filters() -> None:

@@ -9,7 +9,9 @@
 #   make e2e-kind       images + kind cluster + chart + sample app + spans in Jaeger
 #   make operator-run   run the operator locally against $KUBECONFIG
 #   make bench-operator one ProbePolicy on a local cluster of 200 kwok nodes and 5,000
-#                       pods: time to Ready, operator CPU and RSS (docs/performance.md;
+#                       pods: time to Ready, operator CPU and RSS, 3 measurements with
+#                       upstream's client rate limits in kcm and the scheduler, then 3 with
+#                       those of Kubernetes' scale tests (docs/performance.md;
 #                       BENCH_OPERATOR_ARGS="--nodes 20 --pods 500" for a quick run)
 
 OPERATOR_ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/../..)
@@ -22,6 +24,9 @@ IMAGE_REPOSITORY ?= flowprobe
 # The project venv's python when it exists (the bench imports kopf, kubernetes, pydantic).
 BENCH_OPERATOR_PYTHON ?= $(if $(wildcard $(OPERATOR_ROOT)/.venv/bin/python),$(OPERATOR_ROOT)/.venv/bin/python,python3)
 BENCH_OPERATOR_ARGS ?=
+# operatorbench --client-limits profiles, one cluster each, and measurements per cluster.
+BENCH_OPERATOR_LIMITS ?= upstream scale
+BENCH_OPERATOR_REPEAT ?= 3
 # Namespace for `make operator-run`.
 OPERATOR_NAMESPACE ?= flowprobe-system
 
@@ -59,4 +64,7 @@ operator-run:
 	  --namespace=$(OPERATOR_NAMESPACE) --liveness=http://127.0.0.1:8080/healthz --verbose
 
 bench-operator:
-	PYTHONPATH=$(OPERATOR_PYTHONPATH) $(BENCH_OPERATOR_PYTHON) -m flowprobe.devenv.operatorbench $(BENCH_OPERATOR_ARGS)
+	@for limits in $(BENCH_OPERATOR_LIMITS); do \
+	  PYTHONPATH=$(OPERATOR_PYTHONPATH) $(BENCH_OPERATOR_PYTHON) -m flowprobe.devenv.operatorbench \
+	    --client-limits $$limits --repeat $(BENCH_OPERATOR_REPEAT) $(BENCH_OPERATOR_ARGS) || exit 1; \
+	done

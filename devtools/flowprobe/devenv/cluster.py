@@ -992,6 +992,23 @@ class LocalCluster:
             component="kwok",
         )
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Wait until a CustomResourceDefinition is served (condition Established).
+
+        Not ``kubectl wait --for=condition=Established``: right after the
+        create, the CRD has no status.conditions yet and kubectl fails at once
+        (".status.conditions accessor error") instead of waiting.
+        """
+
+        def established() -> bool:
+            obj = self.api("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{crd}")
+            return any(
+                c.get("type") == "Established" and c.get("status") == "True"
+                for c in (obj.get("status") or {}).get("conditions") or []
+            )
+
+        self.wait_for(established, f"CRD {crd} Established", timeout=timeout)
+
     def wait_for(
         self,
         check: Callable[[], bool],

@@ -213,6 +213,28 @@ class LabelSelector(_Model):
                 return False
         return True
 
+    def to_query(self) -> str | None:
+        """The selector in the API's ``labelSelector`` syntax ("" selects all).
+
+        None: nothing can match (``In`` with no values), so there is nothing
+        to ask the API server for.
+        """
+        terms = [f"{k}={v}" for k, v in sorted(self.match_labels.items())]
+        for req in self.match_expressions:
+            values = ",".join(req.values)
+            if req.operator == LabelSelectorOperator.IN:
+                if not req.values:
+                    return None
+                terms.append(f"{req.key} in ({values})")
+            elif req.operator == LabelSelectorOperator.NOT_IN:
+                if req.values:  # an empty NotIn excludes nothing
+                    terms.append(f"{req.key} notin ({values})")
+            elif req.operator == LabelSelectorOperator.EXISTS:
+                terms.append(req.key)
+            else:
+                terms.append(f"!{req.key}")
+        return ",".join(terms)
+
 
 # -- traffic --------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Thin kopf handlers: parse what the event carries, then ask the reconciler for a run.
+"""Thin kopf handlers: parse what the event carries, then trigger a reconciler run.
 
 All policies share one set of agent objects, so there is nothing per-policy
 to create, update or delete: every handler is a trigger for the level-based
@@ -29,7 +29,7 @@ async def policy_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     rt = runtime(memo)
     meta = ObjectMeta.model_validate(event["object"]["metadata"])
     if rt is not None and rt.reconciler.policy_changed(event["type"], meta.uid, meta.generation):
-        await rt.reconciler.request()
+        rt.reconciler.trigger()
 
 
 @kopf.on.event("apps/v1", "daemonsets", labels=_AGENT_OBJECTS)
@@ -43,4 +43,4 @@ async def agent_object_event(
     if rt is not None and rt.reconciler.child_changed(
         event["type"], resource.kind or "", meta.resource_version
     ):
-        await rt.reconciler.request()
+        rt.reconciler.trigger()

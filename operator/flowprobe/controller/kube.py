@@ -10,7 +10,6 @@ hence the targeted ``no-untyped-call`` ignores.)
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -19,6 +18,7 @@ from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 from kubernetes.aio import client as kclient
 from kubernetes.aio import config as kconfig
 
@@ -97,8 +97,8 @@ class KubeError(Exception):
 def _status_message(raw: bytes) -> str:
     # API errors come as a metav1.Status whose message names the field and the rule.
     try:
-        data = json.loads(raw)
-    except ValueError:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
         return raw.decode(errors="replace")[:500]
     if isinstance(data, dict) and "message" in data:
         return str(data["message"])
@@ -174,7 +174,8 @@ class Kube:
             raise KubeError(method, path, 0, str(exc) or type(exc).__name__) from exc
         if not 200 <= resp.status < 300:
             raise KubeError(method, path, resp.status, _status_message(raw))
-        return json.loads(raw) if raw else None
+        # orjson: big lists (all agent pods) parse several times faster than with json.
+        return orjson.loads(raw) if raw else None
 
     # -- verbs --------------------------------------------------------------
 

@@ -8,17 +8,22 @@ the periodic resync) requests one run of ``reconcile_once``, which
 2. compiles them (compiler.py), keeping Unmanaged policies' frozen entries;
 3. renders the ServiceAccount, ConfigMap and DaemonSet (render.py) and applies
    them with server-side apply, or deletes them when nothing is left to apply;
-4. observes agent pods, agent reports and matched pods, and writes each
-   Managed policy's status (status.py), posting Events on transitions.
+4. observes agent pods and agent reports, takes the matched-pod counts last
+   taken in the background (``_matched_pods``), and writes each Managed
+   policy's status (status.py), posting Events on transitions.
 
-Requests are coalesced: concurrent requests share one run, and a run that
-starts after a request covers it. Each step is idempotent, so a run cut short
-(operator killed mid-way) is completed by the next one.
+Watch events only ``trigger()``: a flag, not a queue, so however many events
+arrive while a run is pending or going on, they cause at most one more run.
+Callers that must see a run happen (startup, resync, tests) ``request()``
+one; concurrent requests share it, and a run that starts after a request or
+trigger covers it. Each step is idempotent, so a run cut short (operator
+killed mid-way) is completed by the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import socket
@@ -58,6 +63,23 @@ def _selector(labels: dict[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
 
 
+def _node_of(pod: dict[str, Any]) -> str | None:
+    """The node an agent pod runs on or, until the scheduler binds it, is meant for."""
+    spec = pod.get("spec") or {}
+    if spec.get("nodeName"):
+        return str(spec["nodeName"])
+    # The DaemonSet controller pins each pod to its node with a required
+    # node affinity on metadata.name; counting unbound pods by it keeps a
+    # policy from looking Ready while some of its agents are not even placed.
+    affinity = (spec.get("affinity") or {}).get("nodeAffinity") or {}
+    required = affinity.get("requiredDuringSchedulingIgnoredDuringExecution") or {}
+    for term in required.get("nodeSelectorTerms") or []:
+        for field in term.get("matchFields") or []:
+            if field.get("key") == "metadata.name" and field.get("values"):
+                return str(field["values"][0])
+    return None
+
+
 def _parse_time(value: Any) -> datetime.datetime | None:
     if not value:
         return None
@@ -88,6 +110,8 @@ class Reconciler:
         self._clock = clock
         self._debounce = debounce
         self._lock = asyncio.Lock()
+        # Set by trigger(), cleared when a run starts: "something changed since".
+        self._dirty = asyncio.Event()
         self._requested = 0
         self._completed = 0
         self._last_success_started: float | None = None
@@ -105,6 +129,12 @@ class Reconciler:
         # Earliest time limit among the applied policies: the resync does not
         # wait for resyncSeconds to mark a policy Expired and drop it.
         self._next_deadline: datetime.datetime | None = None
+        # Matched-pod counts, for which policies (uid, generation) and since
+        # when, and the background task taking the next count.
+        self._counts: dict[str, int] = {}
+        self.counting: asyncio.Task[None] | None = None
+        self._counted_key: frozenset[tuple[str, int]] | None = None
+        self._counted_at: float | None = None
 
     # -- triggers -------------------------------------------------------------
 
@@ -123,6 +153,29 @@ class Reconciler:
         if event_type == "DELETED" or kind == "DaemonSet":
             return True
         return self._applied.get(kind) != resource_version
+
+    def trigger(self) -> None:
+        """Ask for a run without waiting for it (watch handlers; see serve_triggers)."""
+        self._dirty.set()
+
+    async def serve_triggers(self) -> None:
+        """Turn triggers into runs, one after the other, until cancelled.
+
+        A handler that awaited its run would hold kopf's worker for that
+        object and, with one run per event, a DaemonSet rollout (one status
+        update per batch of pods) would queue a run per update; here every
+        event that lands before a run starts is covered by that run.
+        """
+        while True:
+            await self._dirty.wait()
+            if not self.active:
+                self._dirty.clear()
+                continue
+            try:
+                await self.request()
+            except Exception:
+                # Logged with its traceback; the next event or the resync retries.
+                log.exception("reconcile failed")
 
     async def request(self, *, max_age: float = 0.0) -> None:
         """Run a reconcile that starts after this call (shared with concurrent callers).
@@ -144,6 +197,7 @@ class Reconciler:
             # Let a burst of events (kubectl apply -f dir/) land in one run.
             await asyncio.sleep(self._debounce)
             covered = self._requested
+            self._dirty.clear()
             started = time.monotonic()
             self._busy_since = started
             try:
@@ -271,17 +325,18 @@ class Reconciler:
             rollout_complete = st.get("observedGeneration") == spec_gen and st.get(
                 "updatedNumberScheduled", 0
             ) == st.get("desiredNumberScheduled", 0)
-            pods = self._agent_pods(
-                await self.kube.list(
+            # Independent reads: concurrent, so a run under a busy API server
+            # waits for the slowest, not for their sum.
+            pod_items, leases, nodes = await asyncio.gather(
+                self.kube.list(
                     kube.PODS, ns, label_selector=_selector(selector_labels(self.config))
-                )
+                ),
+                self._report_leases(),
+                self._node_metadata(comp),
             )
-            reports = self._reports(await self._report_leases(), now)
-            if any(p.node_selector for p in comp.policy_set.policies):
-                nodes = await self.kube.list(kube.NODES, metadata_only=True)
-                node_labels = {
-                    n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes
-                }
+            pods = self._agent_pods(pod_items)
+            reports = self._reports(leases, now)
+            node_labels = {n["metadata"]["name"]: n["metadata"].get("labels") or {} for n in nodes}
         managed = [p for p in parsed if isinstance(p, ProbePolicy) and p.managed]
         return Observation(
             now=now,
@@ -291,17 +346,23 @@ class Reconciler:
             agent_pods=pods,
             node_labels=node_labels,
             reports=reports,
-            matched_pods=await self._matched_pods(managed),
+            matched_pods=self._matched_pods(managed),
             reconcile_error=error,
             report_grace=datetime.timedelta(seconds=self.config.agent_report_grace_seconds),
         )
+
+    async def _node_metadata(self, comp: Compilation) -> list[dict[str, Any]]:
+        # Node labels matter only for policies with a node selector.
+        if not any(p.node_selector for p in comp.policy_set.policies):
+            return []
+        return await self.kube.list(kube.NODES, metadata_only=True)
 
     @staticmethod
     def _agent_pods(items: list[dict[str, Any]]) -> list[AgentPod]:
         pods = []
         for pod in items:
             meta = pod["metadata"]
-            node = (pod.get("spec") or {}).get("nodeName")
+            node = _node_of(pod)
             if meta.get("deletionTimestamp") or not node:
                 continue
             ready: dict[str, Any] = next(
@@ -357,28 +418,84 @@ class Reconciler:
             reports[report.node] = report
         return reports
 
-    async def _matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
+    def _matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
+        """Matched-pod counts as last taken; a new count starts in the background when due.
+
+        Counting lists pods, by far the biggest answer on a large cluster, and
+        no watch says when app pods change. So counts are taken again only
+        when the set of policies or a spec changed, or when they are
+        resyncSeconds old; and never inside a run: a count under a busy API
+        server can take seconds, and a run that waited for it would hold up
+        the status of everything else (Ready after a rollout). A finished
+        count that changed anything triggers a run that writes it.
+        """
+        key = frozenset((p.metadata.uid, p.metadata.generation) for p in policies)
+        # Ages from the start of the run, the time the resync goes by, so
+        # that every periodic run finds the counts due.
+        run_started = self._busy_since if self._busy_since is not None else time.monotonic()
+        last = self._counted_at
+        fresh = last is not None and run_started - last < self.config.resync_seconds
+        idle = self.counting is None or self.counting.done()
+        if (key != self._counted_key or not fresh) and idle:
+            self.counting = asyncio.create_task(
+                self._recount(key, run_started, list(policies)), name="count-matched-pods"
+            )
+        return self._counts
+
+    async def _recount(
+        self, key: frozenset[tuple[str, int]], started: float, policies: list[ProbePolicy]
+    ) -> None:
+        try:
+            counts = await self._count_matched_pods(policies)
+        except KubeError as exc:
+            # The old counts stay; the next run starts another count.
+            log.warning("counting matched pods failed: %s", exc)
+            return
+        changed = counts != self._counts
+        self._counted_key, self._counted_at, self._counts = key, started, counts
+        if changed:
+            self.trigger()
+
+    async def stop(self) -> None:
+        """Cancel a count in progress (operator shutdown)."""
+        self.active = False
+        if self.counting is not None:
+            self.counting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.counting
+
+    async def _count_matched_pods(self, policies: Sequence[ProbePolicy]) -> dict[str, int]:
         if not policies:
             return {}
-        # Metadata only: labels are all that matching needs, and a full pod
-        # list of a big cluster is tens of megabytes.
         namespaces = {
             n["metadata"]["name"]: n["metadata"].get("labels") or {}
             for n in await self.kube.list(kube.NAMESPACES, metadata_only=True)
         }
-        pods = await self.kube.list(
-            kube.PODS, field_selector="status.phase=Running", metadata_only=True
-        )
+        # The API server filters by the pod selector, so a run reads only the
+        # pods a policy could match; metadata only, since labels and the
+        # namespace are all that matching needs. Policies with the same pod
+        # selector share one list.
+        by_selector: dict[str, list[dict[str, Any]]] = {}
         counts = {}
         for pol in policies:
             ns_sel: LabelSelector = pol.spec.namespace_selector
             selected = {name for name, labels in namespaces.items() if ns_sel.matches(labels)}
+            query = pol.spec.pod_selector.to_query()
+            if query is None or not selected:
+                counts[pol.name] = 0
+                continue
+            if query not in by_selector:
+                by_selector[query] = await self.kube.list(
+                    kube.PODS,
+                    label_selector=query or None,
+                    field_selector="status.phase=Running",
+                    metadata_only=True,
+                )
             counts[pol.name] = sum(
                 1
-                for p in pods
+                for p in by_selector[query]
                 if p["metadata"].get("namespace") in selected
                 and not p["metadata"].get("deletionTimestamp")
-                and pol.spec.pod_selector.matches(p["metadata"].get("labels") or {})
             )
         return counts
 

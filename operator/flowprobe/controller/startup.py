@@ -92,6 +92,7 @@ async def startup(
         rt.tasks.append(asyncio.create_task(rt.elector.run(), name="leader-election"))
     else:
         _leadership_changed(rt, True)
+    rt.tasks.append(asyncio.create_task(reconciler.serve_triggers(), name="triggers"))
     rt.tasks.append(asyncio.create_task(_resync_forever(rt), name="resync"))
     memo[_MEMO_KEY] = rt
     logger.info(
@@ -137,7 +138,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     rt = runtime(memo)
     if rt is None:
         return
-    rt.reconciler.active = False
+    await rt.reconciler.stop()
     for task in rt.tasks:
         task.cancel()
     for task in rt.tasks:

@@ -75,7 +75,8 @@ class Observation:
     now: datetime.datetime
     checksum: str
     daemon_set_exists: bool = False
-    # DaemonSet controller caught up with the spec and updated every pod.
+    # DaemonSet controller caught up with the spec and created every pod on
+    # the current template (status.updatedNumberScheduled == desired).
     rollout_complete: bool = False
     agent_pods: Sequence[AgentPod] = ()
     # Labels of nodes running agents; needed only when a policy has a node selector.
@@ -197,7 +198,10 @@ def _readiness(
             Reason.RECONCILE_FAILED,
             f"the agent DaemonSet could not be created: {obs.reconcile_error}",
         )
-    if desired and ready == desired:
+    # Only a finished rollout says that the pods seen are all there will be:
+    # while the DaemonSet controller is still creating them, the first few
+    # may all be ready.
+    if obs.rollout_complete and desired and ready == desired:
         return TRUE, Reason.AGENTS_READY, f"{ready}/{desired} agents apply the current policy set"
     if not obs.rollout_complete or any(p.checksum != obs.checksum for p in pods):
         return (
