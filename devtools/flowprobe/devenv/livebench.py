@@ -154,8 +154,18 @@ def run_rate(
 
 
 def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path) -> None:
+    stats_file = work / "soak-stats.json"
     agent = node.spawn_agent(
-        ["-i", "any", "-f", "inbound and tcp port 8080", "--output", "/dev/null"]
+        [
+            "-i",
+            "any",
+            "-f",
+            "inbound and tcp port 8080",
+            "--output",
+            "/dev/null",
+            "--stats",
+            str(stats_file),
+        ]
     )
     load = subprocess.Popen(
         client.cmd(
@@ -173,20 +183,35 @@ def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Pa
                 f"http://{server.ip}:8080/",
             ]
         ),
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     tmp = Path(tempfile.gettempdir())
     print(f"{'t s':>5} {'RSS MB':>8} {'/tmp MB':>8}")
     start = time.monotonic()
+    # Sampled every second, printed every 10 s: the peak between prints
+    # (a tshark replacement) is reported too.
+    peak = 0.0
+    tick = 0
     while load.poll() is None:
-        used = sum(f.stat().st_size for f in tmp.glob("wireshark_*") if f.is_file()) / 1e6
-        print(
-            f"{time.monotonic() - start:5.0f} {rss_mb(tree_pids(agent.pid)):8.1f} {used:8.1f}",
-            flush=True,
-        )
-        time.sleep(10)
+        rss = rss_mb(tree_pids(agent.pid))
+        peak = max(peak, rss)
+        if tick % 10 == 0:
+            used = sum(f.stat().st_size for f in tmp.glob("wireshark_*") if f.is_file()) / 1e6
+            print(f"{time.monotonic() - start:5.0f} {rss:8.1f} {used:8.1f}", flush=True)
+        tick += 1
+        time.sleep(1)
+    time.sleep(2.0)  # let the pipeline drain before stopping
     os.killpg(agent.pid, signal.SIGINT)
     agent.wait(timeout=120)
+    stats = json.loads(stats_file.read_text())
+    out = load.stdout.read() if load.stdout else ""
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
+    sent = int(m.group(1)) if m else 0
+    print(
+        f"peak RSS (1 s sampling) {peak:.1f} MB; requests {sent}, exchanges {stats['exchanges']}, "
+        f"dumpcap dropped {stats['capture_dropped']}, tshark replaced {stats['tshark_rotations']}x"
+    )
 
 
 def main() -> None:

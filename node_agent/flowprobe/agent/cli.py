@@ -410,7 +410,13 @@ def _capture(
 ) -> int:
     try:
         live = RotatingCapture(
-            lambda: LiveCapture(tools, args.interface, pipeline.tshark_options, bpf=args.filter),
+            lambda start_tshark: LiveCapture(
+                tools,
+                args.interface,
+                pipeline.tshark_options,
+                bpf=args.filter,
+                start_tshark=start_tshark,
+            ),
             tshark_rss_limit=args.tshark_rss_limit << 20,
         )
     except CaptureError as exc:

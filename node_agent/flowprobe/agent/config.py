@@ -129,6 +129,6 @@ class AgentConfig(_Model):
     ports: dict[str, tuple[int, ...]] = Field(default_factory=dict)
     payload: PayloadConfig = PayloadConfig()
     response_timeout_seconds: int = Field(default=30, ge=1, le=3600)
-    session_reset_packets: int = Field(default=200_000, ge=10_000)
+    session_reset_packets: int = Field(default=50_000, ge=10_000)
     export: ExportConfig = ExportConfig()
     security: SecurityConfig = SecurityConfig()

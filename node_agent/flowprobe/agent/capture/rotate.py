@@ -8,8 +8,10 @@ req/s, the lowest RSS after each reset still rose by about 20 MB a minute
 is taken: the old capture's packets before T and the new one's from T on go
 to the same sessionizer, in that order, so every packet counts once and
 connections carry over. The old capture runs a moment past T to deliver its
-last packets, while the new one's rows wait in memory. What is lost is what
-tshark itself needs state for: a message whose segments straddle T.
+last packets; the new tshark starts only after the old one exited (two
+tsharks would hold twice the memory), its dumpcap holding the packets in the
+kernel's capture buffer meanwhile. What is lost is what tshark itself needs
+state for: a message whose segments straddle T.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,14 +48,14 @@ class RotatingCapture:
 
     def __init__(
         self,
-        start: Callable[[], LiveCapture],
+        start: Callable[[bool], LiveCapture],
         tshark_rss_limit: int = DEFAULT_TSHARK_RSS_LIMIT,
         start_timeout_s: float = 30.0,
     ) -> None:
         self._start = start
         self.tshark_rss_limit = tshark_rss_limit
         self.start_timeout_s = start_timeout_s
-        self.current = start()
+        self.current = start(True)
         self._next: LiveCapture | None = None
         self.rotations = 0
         self._received = 0
@@ -89,19 +90,21 @@ class RotatingCapture:
     def __iter__(self) -> Iterator[list[str]]:
         n = 0
         rows: Iterator[list[str]] = iter(self.current)
-        handover: tuple[LiveCapture, int, queue.SimpleQueue[list[str] | None]] | None = None
+        handover: tuple[LiveCapture, int] | None = None
         while True:
             cols = next(rows, None)
             if cols is None:
                 if handover is None:
                     return
-                # The old capture has delivered everything: on to the new one.
-                nxt, handover_us, buffered = handover
+                # The old tshark has delivered everything and exited: only now
+                # does the new one start, on the packets its dumpcap held.
+                nxt, handover_us = handover
                 handover = None
                 self._retire(self.current)
+                nxt.start_tshark()
                 self.current, self._next = nxt, None
                 self.rotations += 1
-                rows = self._after(buffered, handover_us)
+                rows = self._after(iter(nxt), handover_us)
                 continue
             n += 1
             if handover is not None:
@@ -116,9 +119,9 @@ class RotatingCapture:
                 handover = self._begin()
             yield cols
 
-    def _begin(self) -> tuple[LiveCapture, int, queue.SimpleQueue[list[str] | None]] | None:
+    def _begin(self) -> tuple[LiveCapture, int] | None:
         try:
-            nxt = self._start()
+            nxt = self._start(False)
         except Exception as exc:  # a failed rotation must not end a working capture
             log.warning("tshark rotation: new capture failed to start: %s", exc)
             return None
@@ -128,27 +131,16 @@ class RotatingCapture:
             return None
         self._next = nxt
         handover_us = int(time.time() * 1_000_000)
-        buffered: queue.SimpleQueue[list[str] | None] = queue.SimpleQueue()
-
-        def pump() -> None:
-            for cols in nxt:
-                buffered.put(cols)
-            buffered.put(None)
-
-        threading.Thread(target=pump, name="flowprobe-capture-next", daemon=True).start()
         # The old capture delivers what it saw before the handover, then ends.
-        old = self.current
-        timer = threading.Timer(HANDOVER_GRACE_S, old.stop)
+        timer = threading.Timer(HANDOVER_GRACE_S, self.current.stop)
         timer.daemon = True
         timer.start()
         log.info("tshark rotation: tshark passed %d MB", self.tshark_rss_limit >> 20)
-        return nxt, handover_us, buffered
+        return nxt, handover_us
 
     @staticmethod
-    def _after(
-        buffered: queue.SimpleQueue[list[str] | None], handover_us: int
-    ) -> Iterator[list[str]]:
-        while (cols := buffered.get()) is not None:
+    def _after(rows: Iterator[list[str]], handover_us: int) -> Iterator[list[str]]:
+        for cols in rows:
             with contextlib.suppress(ValueError, IndexError):
                 if parse_ts_us(cols[c.TS]) < handover_us:
                     continue  # the old capture delivered it

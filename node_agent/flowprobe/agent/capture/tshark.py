@@ -34,7 +34,8 @@ DISABLED_PROTOCOLS = ("json", "xml", "media", "png", "image-jfif", "image-gif", 
 # tshark keeps per-conversation state for every packet it has seen; resetting
 # the session every N packets bounds its memory (about 0.6 KB per packet) at
 # the cost of a few exchanges that straddle a reset.
-DEFAULT_SESSION_RESET_PACKETS = 200_000
+DEFAULT_SESSION_RESET_PACKETS = 50_000
+CAPTURE_BUFFER_MB = 32
 
 
 class CaptureError(Exception):
@@ -125,7 +126,9 @@ def dumpcap_args(
     if tools.dumpcap is None:
         raise CaptureError("dumpcap not found: install it (Debian/Ubuntu: apt-get install tshark)")
     # Not -q: dumpcap's closing lines carry the received/dropped counts.
-    args = [tools.dumpcap, "-s", str(snaplen)]
+    # A 32 MB kernel buffer (default 2) rides out bursts and a tshark
+    # replacement (RotatingCapture) without drops.
+    args = [tools.dumpcap, "-s", str(snaplen), "-B", str(CAPTURE_BUFFER_MB)]
     if bpf:
         # A filter before the first -i applies to every interface.
         args += ["-f", bpf]
@@ -343,7 +346,13 @@ class ShardedRows:
 
 class LiveCapture:
     """``dumpcap -w - | tshark -r -``: dumpcap holds the capture privileges and
-    drops nothing into a temporary file; tshark only dissects."""
+    drops nothing into a temporary file; tshark only dissects.
+
+    With ``start_tshark=False`` only dumpcap starts; its packets wait in the
+    pipe and the kernel's capture buffer until ``start_tshark()`` (the
+    RotatingCapture starts a new tshark only after the old one exited, so that
+    two tsharks never hold memory at once).
+    """
 
     def __init__(
         self,
@@ -352,6 +361,7 @@ class LiveCapture:
         options: TsharkOptions,
         bpf: str | None = None,
         snaplen: int = 65535,
+        start_tshark: bool = True,
     ) -> None:
         self.dumpcap = subprocess.Popen(
             dumpcap_args(tools, interfaces, bpf, snaplen),
@@ -360,10 +370,22 @@ class LiveCapture:
             start_new_session=True,
         )
         self._dumpcap_err = _StderrTail(self.dumpcap.stderr)
+        self._tshark_args = options.tshark_args(tools, "-")
+        self._rows: TsharkRows | None = None
+        if start_tshark:
+            self.start_tshark()
+
+    def start_tshark(self) -> None:
         assert self.dumpcap.stdout is not None
-        self.rows = TsharkRows(options.tshark_args(tools, "-"), stdin=self.dumpcap.stdout.fileno())
+        self._rows = TsharkRows(self._tshark_args, stdin=self.dumpcap.stdout.fileno())
         # tshark owns the read end now; keeping ours open would hide EOF.
         self.dumpcap.stdout.close()
+
+    @property
+    def rows(self) -> TsharkRows:
+        if self._rows is None:
+            raise RuntimeError("tshark has not been started")
+        return self._rows
 
     def __iter__(self) -> Iterator[list[str]]:
         yield from self.rows
@@ -410,12 +432,14 @@ class LiveCapture:
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
+        if self._rows is None:
+            return
         # tshark ends by itself once dumpcap's pipe closes; give it time to
         # flush its last rows before forcing it.
         try:
-            self.rows.proc.wait(timeout=10)
+            self._rows.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
-            self.rows.stop()
+            self._rows.stop()
 
 
 _DROPS = re.compile(r"received/dropped on interface '[^']*': (\d+)/(\d+)")
