@@ -220,6 +220,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=60)
     ap.add_argument("--soak", type=int, default=0, metavar="SECONDS", help="run a soak instead")
     ap.add_argument("--soak-rate", type=int, default=10000)
+    ap.add_argument(
+        "--agent-args", default="", help="extra agent flags, e.g. '--tshark-rss-limit 400'"
+    )
     args = ap.parse_args()
     if not shutil.which("nginx") and not Path("/usr/sbin/nginx").exists():
         raise SystemExit("nginx missing: apt-get install nginx-light nghttp2-client")
@@ -239,7 +242,7 @@ def main() -> None:
             f"{'target/s':>9} {'achieved/s':>10} {'sent':>9} {'reported':>9} {'loss':>8} {'agent CPU%':>10} {'dumpcap drops':>13}"
         )
         for rate in (int(x) for x in args.rates.split(",")):
-            res = run_rate(node, client, server, rate, args.seconds, work)
+            res = run_rate(node, client, server, rate, args.seconds, work, args.agent_args.split())
             print(
                 f"{rate:>9} {res['achieved_rps']:>10.0f} {res['sent']:>9.0f} {res['reported']:>9.0f} "
                 f"{res['loss']:>8.3%} {res['agent_cpu_pct']:>10.1f} {res['capture_dropped']:>13.0f}",
