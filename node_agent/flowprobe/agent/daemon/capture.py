@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+from flowprobe.agent.capture.rotate import RotatingCapture
 from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools
 from flowprobe.agent.config import AgentConfig, PayloadConfig
 from flowprobe.agent.enrich.policy import CaptureScope
@@ -54,7 +55,13 @@ class _Generation:
         )
         self.pipeline = Pipeline(config, Sinks(exchange=[self._admit]), stats)
         self.started = time.monotonic()
-        self.live = LiveCapture(tools, interfaces, self.pipeline.tshark_options, bpf=scope.bpf)
+        options = self.pipeline.tshark_options
+        # tshark is replaced when its memory grows (capture.rotate).
+        self.live = RotatingCapture(
+            lambda start_tshark: LiveCapture(
+                tools, interfaces, options, bpf=scope.bpf, start_tshark=start_tshark
+            )
+        )
         self.thread = threading.Thread(target=self._run, name="flowprobe-capture", daemon=True)
         self.thread.start()
 
@@ -71,11 +78,12 @@ class _Generation:
             self.pipeline.finish()
 
     def error(self) -> str | None:
-        return self.live.dumpcap_error() or self.live.rows.error
+        return self.live.error()
 
     def stop(self) -> None:
         self.live.stop()
         self.thread.join(15)
+        self.stats.tshark_rotations += self.live.rotations
         counts = self.live.capture_counts()
         if counts is not None:
             self.stats.capture_received += counts[0]
@@ -182,13 +190,13 @@ class CaptureSwitcher:
     def check(self) -> None:
         """A capture that died (interface gone, dumpcap killed) becomes an error, retried later."""
         cur = self.current
-        if cur is not None and cur.live.dumpcap.poll() is not None:
+        if cur is not None and not cur.live.alive():
             self.current = None
             cur.stop()
             self._fail(cur.scope, cur.error() or "dumpcap exited")
 
     def alive(self) -> bool:
-        return self.current is not None and self.current.live.dumpcap.poll() is None
+        return self.current is not None and self.current.live.alive()
 
     def stop(self) -> None:
         if self.current is not None:
