@@ -13,6 +13,12 @@ stops when every span and the last metrics have been accepted by the collector
 rate is the whole pipeline's, not how fast exchanges can be queued. The
 collector and Jaeger run on the same machine and compete for its cores.
 
+The export path's own cost is also measured apart from the capture path and
+the collector (``export_cost``): its CPU per exchange on exchanges already
+read (a sample of the file's, kept from the first offline run), encoded to
+OTLP but not sent. That figure does not move when tshark or the sessionizer
+get faster, where the ratio does.
+
 Bytes on the wire are counted by a TCP proxy (``nsproxy``, in its own process)
 between the agent and the collector, on one more export run that is not part of
 the timing: TCP payload, i.e. HTTP/2 frames with the gRPC messages, both signals,
@@ -80,11 +86,16 @@ def run_raw(tools: Tools, pipeline: Pipeline, path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_agent(tools: Tools, path: Path) -> tuple[float, int]:
+def run_agent(
+    tools: Tools, path: Path, sample: list[Exchange] | None = None, every: int = 1
+) -> tuple[float, int]:
+    """Seconds and exchanges of an offline read; every ``every``-th exchange kept in ``sample``."""
     exchanges = 0
 
-    def count(_ex: object) -> None:
+    def count(ex: Exchange) -> None:
         nonlocal exchanges
+        if sample is not None and exchanges % every == 0:
+            sample.append(ex)
         exchanges += 1
 
     sinks = Sinks(exchange=[count])
@@ -258,6 +269,12 @@ def main() -> None:
     ap.add_argument("--pg", type=int, default=20_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument(
+        "--export-sample",
+        type=int,
+        default=20_000,
+        help="exchanges kept from the first offline run for the export-alone figure (0: none)",
+    )
+    ap.add_argument(
         "--no-export", action="store_true", help="skip the runs with OTLP export to the collector"
     )
     ap.add_argument(
@@ -288,10 +305,18 @@ def main() -> None:
             # the cores the measured agent needs.
             backends = stack.enter_context(LocalBackends(otlp_file=False, scrape_interval="15s"))
         raw_t, agent_t, agent_cpu, exports, seen = [], [], [], [], 0
-        for _ in range(args.runs):
+        # Exchanges for the export-only figure, spread over the whole file so
+        # the protocol mix is the file's.
+        sample: list[Exchange] = []
+        for run in range(args.runs):
             raw_t.append(run_raw(tools, pipeline, path))
             cpu0 = _cpu_s()
-            t, seen = run_agent(tools, path)
+            t, seen = run_agent(
+                tools,
+                path,
+                sample if run == 0 and args.export_sample > 0 else None,
+                max(1, total // max(1, args.export_sample)),
+            )
             agent_cpu.append(_cpu_s() - cpu0)
             agent_t.append(t)
             if backends is not None:
@@ -318,6 +343,17 @@ def main() -> None:
         f"ratio agent / raw tshark:          {raw / agent:7.1%}   (exchanges reported: {seen} of {total})"
     )
     print(f"peak RSS: agent Python {rss_self} MB, largest tshark {rss_child} MB")
+    if sample:
+        costs = [export_cost(sample) for _ in range(args.runs)]
+        cost = statistics.median(c.us_per_exchange for c in costs)
+        c = costs[-1]
+        print(
+            f"export alone (no network):         {cost:7.1f} µs CPU/exchange   (spans + metrics "
+            f"encoded to OTLP, on {c.exchanges} exchanges already read; "
+            f"{c.spans / max(c.exchanges, 1):.2f} spans/exchange, "
+            f"{c.span_bytes / max(c.spans, 1):.0f} bytes/span; offline read: "
+            f"{1e6 * statistics.median(agent_cpu) / total:.1f} µs CPU/exchange)"
+        )
     if exports:
         _report_export(exports, agent, statistics.median(agent_cpu), total, wire, args)
 

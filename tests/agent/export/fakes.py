@@ -94,14 +94,23 @@ def attrs(kvs: Any) -> dict[str, Any]:
 class FakeHttpReceiver:
     """OTLP/HTTP (protobuf) on 127.0.0.1: /v1/traces and /v1/metrics."""
 
-    def __init__(self, port: int = 0, delay_s: float = 0.0) -> None:
+    def __init__(self, port: int = 0, delay_s: float = 0.0, refuse: tuple[int, ...] = ()) -> None:
+        """``refuse``: HTTP statuses answered to the first requests, one each, before any is read."""
         self.received = Received()
         received = self.received
+        refusals = list(refuse)
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 time.sleep(delay_s)  # a slow backend
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with received.lock:
+                    status = refusals.pop(0) if refusals else None
+                if status is not None:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 enc = self.headers.get("Content-Encoding", "")
                 if enc == "gzip":
                     body = gzip.decompress(body)
