@@ -335,7 +335,8 @@ def _status(error: str | None) -> bytes:
 
 
 class TraceRequestEncoder:
-    """Batches of :class:`SpanRecord` as one ``ExportTraceServiceRequest``, grouped by resource.
+    """Batches of encoded spans (``(workload, SpanRecord.encoded)``) as one
+    ``ExportTraceServiceRequest``, grouped by resource.
 
     A workload's Resource and the agent's InstrumentationScope are encoded
     once and kept (``max_resources`` at most, then the cache starts over).
@@ -357,13 +358,13 @@ class TraceRequestEncoder:
             head = self._heads[wl.key] = pb.field(b"\x0a", resource)
         return head
 
-    def encode(self, spans: Iterable[SpanRecord]) -> bytes:
+    def encode(self, spans: Iterable[tuple[Workload, bytes]]) -> bytes:
         by_resource: dict[Workload, list[bytes]] = {}
-        for span in spans:
-            group = by_resource.get(span.workload)
+        for wl, span in spans:
+            group = by_resource.get(wl)
             if group is None:
-                group = by_resource[span.workload] = []
-            group.append(span.encoded)
+                group = by_resource[wl] = []
+            group.append(span)
         return b"".join(
             pb.field(
                 _RESOURCE_SPANS,

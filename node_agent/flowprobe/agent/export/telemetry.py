@@ -7,7 +7,9 @@
 Both queues are bounded and never waited on: a full queue drops (and counts)
 the newest item, so capture never blocks and memory stays bounded however
 long the backend is down or slow. The span queue holds spans already encoded
-(``SpanRecord``); the span thread only groups a batch into one request. The
+(bytes and their workload, nothing else: a long queue is little memory and
+little work for the garbage collector); the span thread only groups a batch
+into one request. The
 exporters retry within their timeout and reconnect by themselves; a batch
 that still fails is dropped and counted, and the agent logs the first failure and the recovery (with how
 much was dropped meanwhile). Metrics are cumulative, so an export missed
@@ -37,11 +39,10 @@ from flowprobe.agent.export.spans import (
     Node,
     NodeFactory,
     SpanBuilder,
-    SpanRecord,
     TraceRequestEncoder,
 )
 from flowprobe.agent.export.transport import SpanSink
-from flowprobe.agent.export.workloads import AddressResolver, WorkloadResolver
+from flowprobe.agent.export.workloads import AddressResolver, Workload, WorkloadResolver
 from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.agent.sessionize.stats import Stats
 
@@ -98,7 +99,7 @@ class Telemetry:
             self_samples=self.self_metrics.samples if config.self_metrics_otlp else None,
         )
         self._inbound: deque[Exchange] = deque()
-        self._spans: deque[SpanRecord] = deque()
+        self._spans: deque[tuple[Workload, bytes]] = deque()
         self._closing = threading.Event()
         self._processed = threading.Event()
         self._abort = threading.Event()
@@ -211,7 +212,7 @@ class Telemetry:
         if room < len(spans):
             self.counters.spans_dropped["queue_full"] += len(spans) - max(room, 0)
             spans = spans[: max(room, 0)]
-        self._spans.extend(spans)
+        self._spans.extend((span.workload, span.encoded) for span in spans)
 
     # -- span thread ------------------------------------------------------
 
@@ -232,7 +233,7 @@ class Telemetry:
             wait = _IDLE_POLL_S if not spans else min(_IDLE_POLL_S, max(0.005, next_flush - now))
             self._processed.wait(wait)
 
-    def _export_spans(self, batch: list[SpanRecord]) -> None:
+    def _export_spans(self, batch: list[tuple[Workload, bytes]]) -> None:
         assert self.span_exporter is not None
         try:
             ok = self.span_exporter.export(self.requests.encode(batch))
