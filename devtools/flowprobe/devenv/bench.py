@@ -217,7 +217,8 @@ def export_cost(exchanges: list[Exchange]) -> ExportCost:
     capture path and of the collector. CPU of every thread of this process.
     """
     n = len(exchanges)
-    config = ExportConfig(queue_size=n + 1, span_queue_size=2 * n + 1)
+    # Lossless, as the export runs: everything queued is encoded.
+    config = ExportConfig(queue_size=n + 1, span_queue_size=2 * n + 1, shutdown_timeout_seconds=600)
     sink = _Discard()
     telemetry = Telemetry(config, Stats(), sink, _EncodeMetrics(), wall_clock_release=False)
     cpu0 = _cpu_s()
