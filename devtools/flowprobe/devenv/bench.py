@@ -13,6 +13,12 @@ stops when every span and the last metrics have been accepted by the collector
 rate is the whole pipeline's, not how fast exchanges can be queued. The
 collector and Jaeger run on the same machine and compete for its cores.
 
+The export path's own cost is also measured apart from the capture path and
+the collector (``export_cost``): its CPU per exchange on exchanges already
+read (a sample of the file's, kept from the first offline run), encoded to
+OTLP but not sent. That figure does not move when tshark or the sessionizer
+get faster, where the ratio does.
+
 Bytes on the wire are counted by a TCP proxy (``nsproxy``, in its own process)
 between the agent and the collector, on one more export run that is not part of
 the timing: TCP payload, i.e. HTTP/2 frames with the gRPC messages, both signals,
@@ -36,12 +42,17 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
 from flowprobe.agent.capture.tshark import Tools, read_file, read_sharded
 from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.pipeline import Pipeline, Sinks
+from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.devenv.backends import LocalBackends
 from flowprobe.devenv.pcapgen import write_pcap
@@ -77,11 +88,16 @@ def run_raw(tools: Tools, pipeline: Pipeline, path: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_agent(tools: Tools, path: Path, shards: int) -> tuple[float, int]:
+def run_agent(
+    tools: Tools, path: Path, shards: int, sample: list[Exchange] | None = None, every: int = 1
+) -> tuple[float, int]:
+    """Seconds and exchanges of an offline read; every ``every``-th exchange kept in ``sample``."""
     exchanges = 0
 
-    def count(_ex: object) -> None:
+    def count(ex: Exchange) -> None:
         nonlocal exchanges
+        if sample is not None and exchanges % every == 0:
+            sample.append(ex)
         exchanges += 1
 
     sinks = Sinks(exchange=[count])
@@ -149,6 +165,73 @@ def run_agent_export(tools: Tools, path: Path, endpoint: str, compression: str) 
     )
 
 
+class _Discard:
+    """A span sink that only counts what it is given: the export path without a network."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.bytes = 0
+
+    def export(self, request: bytes) -> bool:
+        self.requests += 1
+        self.bytes += len(request)
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+
+class _EncodeMetrics(MetricExporter):
+    """Encodes metrics as the OTLP metric exporters do (the SDK's encoder), then discards them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bytes = 0
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        self.bytes += len(encode_metrics(metrics_data).SerializeToString())
+        return MetricExportResult.SUCCESS
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return True
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        pass
+
+
+@dataclass
+class ExportCost:
+    us_per_exchange: float
+    exchanges: int
+    spans: int
+    span_bytes: int
+
+
+def export_cost(exchanges: list[Exchange]) -> ExportCost:
+    """CPU of the export path alone, per exchange, on exchanges already built.
+
+    Everything ``Telemetry`` does for an exchange — workloads, ids, parent
+    decision, spans encoded to OTLP protobuf, metrics recorded, requests
+    assembled, a final metric collection encoded — but no network (the
+    request bytes are counted and dropped): a figure independent of the
+    capture path and of the collector. CPU of every thread of this process.
+    """
+    n = len(exchanges)
+    # Lossless, as the export runs: everything queued is encoded.
+    config = ExportConfig(queue_size=n + 1, span_queue_size=2 * n + 1, shutdown_timeout_seconds=600)
+    sink = _Discard()
+    telemetry = Telemetry(config, Stats(), sink, _EncodeMetrics(), wall_clock_release=False)
+    cpu0 = _cpu_s()
+    telemetry.start()
+    for ex in exchanges:
+        telemetry.submit(ex)
+    telemetry.close()
+    cpu = _cpu_s() - cpu0
+    return ExportCost(1e6 * cpu / max(n, 1), n, telemetry.counters.spans_exported, sink.bytes)
+
+
 @contextlib.contextmanager
 def counting_proxy(target_port: int) -> Iterator[tuple[int, dict[str, int]]]:
     """A byte-counting forwarder to 127.0.0.1:``target_port`` in its own process.
@@ -195,6 +278,12 @@ def main() -> None:
         help="the agent's --shards (tshark processes); one tshark is measured too",
     )
     ap.add_argument(
+        "--export-sample",
+        type=int,
+        default=20_000,
+        help="exchanges kept from the first offline run for the export-alone figure (0: none)",
+    )
+    ap.add_argument(
         "--no-export", action="store_true", help="skip the runs with OTLP export to the collector"
     )
     ap.add_argument(
@@ -225,10 +314,19 @@ def main() -> None:
             # the cores the measured agent needs.
             backends = stack.enter_context(LocalBackends(otlp_file=False, scrape_interval="15s"))
         raw_t, agent_t, single_t, agent_cpu, exports, seen = [], [], [], [], [], 0
-        for _ in range(args.runs):
+        # Exchanges for the export-only figure, spread over the whole file so
+        # the protocol mix is the file's.
+        sample: list[Exchange] = []
+        for run in range(args.runs):
             raw_t.append(run_raw(tools, pipeline, path))
             cpu0 = _cpu_s()
-            t, seen = run_agent(tools, path, args.shards)
+            t, seen = run_agent(
+                tools,
+                path,
+                args.shards,
+                sample if run == 0 and args.export_sample > 0 else None,
+                max(1, total // max(1, args.export_sample)),
+            )
             agent_cpu.append(_cpu_s() - cpu0)
             agent_t.append(t)
             if args.shards > 1:
@@ -262,8 +360,21 @@ def main() -> None:
         f"ratio agent / raw tshark:          {raw / agent:7.1%}   (exchanges reported: {seen} of {total})"
     )
     print(f"peak RSS: agent Python {rss_self} MB, largest tshark {rss_child} MB")
+    if sample:
+        costs = [export_cost(sample) for _ in range(args.runs)]
+        cost = statistics.median(c.us_per_exchange for c in costs)
+        c = costs[-1]
+        print(
+            f"export alone (no network):         {cost:7.1f} µs CPU/exchange   (spans + metrics "
+            f"encoded to OTLP, on {c.exchanges} exchanges already read; "
+            f"{c.spans / max(c.exchanges, 1):.2f} spans/exchange, "
+            f"{c.span_bytes / max(c.spans, 1):.0f} bytes/span; offline read: "
+            f"{1e6 * statistics.median(agent_cpu) / total:.1f} µs CPU/exchange)"
+        )
     if exports:
-        _report_export(exports, agent, statistics.median(agent_cpu), total, wire, args)
+        # The export runs read with one tshark: compare like with like.
+        one_tshark = statistics.median(single_t) if single_t else agent
+        _report_export(exports, one_tshark, statistics.median(agent_cpu), total, wire, args)
 
 
 def _report_export(

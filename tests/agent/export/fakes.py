@@ -1,4 +1,5 @@
-"""Test doubles: OTLP receivers (HTTP and gRPC) on loopback, and exchange records."""
+"""Test doubles: OTLP receivers (HTTP and gRPC) on loopback, a span sink decoding what the
+agent encodes, and exchange records."""
 
 from __future__ import annotations
 
@@ -28,8 +29,10 @@ from opentelemetry.sdk.metrics.export import (
     MetricExportResult,
     MetricsData,
 )
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode
 
 from flowprobe.agent.config import ExportConfig
 from flowprobe.agent.export.telemetry import Telemetry
@@ -94,14 +97,23 @@ def attrs(kvs: Any) -> dict[str, Any]:
 class FakeHttpReceiver:
     """OTLP/HTTP (protobuf) on 127.0.0.1: /v1/traces and /v1/metrics."""
 
-    def __init__(self, port: int = 0, delay_s: float = 0.0) -> None:
+    def __init__(self, port: int = 0, delay_s: float = 0.0, refuse: tuple[int, ...] = ()) -> None:
+        """``refuse``: HTTP statuses answered to the first requests, one each, before any is read."""
         self.received = Received()
         received = self.received
+        refusals = list(refuse)
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 time.sleep(delay_s)  # a slow backend
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with received.lock:
+                    status = refusals.pop(0) if refusals else None
+                if status is not None:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 enc = self.headers.get("Content-Encoding", "")
                 if enc == "gzip":
                     body = gzip.decompress(body)
@@ -252,6 +264,78 @@ def exchange(
     )
 
 
+_KINDS = {Span.SPAN_KIND_CLIENT: SpanKind.CLIENT, Span.SPAN_KIND_SERVER: SpanKind.SERVER}
+
+
+def sdk_spans(request: trace_service_pb2.ExportTraceServiceRequest) -> list[ReadableSpan]:
+    """The spans of a decoded request as the SDK's span objects, field by field.
+
+    Tests read the agent's spans through these, so what they check is what
+    went on the wire; ``test_protobuf`` encodes them again with the SDK's own
+    encoder and compares.
+    """
+    out: list[ReadableSpan] = []
+    for rs in request.resource_spans:
+        resource = Resource(attrs(rs.resource.attributes), rs.schema_url)
+        for ss in rs.scope_spans:
+            scope = InstrumentationScope(ss.scope.name, ss.scope.version, ss.schema_url or None)
+            for s in ss.spans:
+                trace_id = int.from_bytes(s.trace_id, "big")
+                parent = (
+                    SpanContext(trace_id, int.from_bytes(s.parent_span_id, "big"), False)
+                    if s.parent_span_id
+                    else None
+                )
+                status = (
+                    Status(StatusCode(s.status.code), s.status.message or None)
+                    if s.status.code
+                    else Status(StatusCode.UNSET)
+                )
+                out.append(
+                    ReadableSpan(
+                        name=s.name,
+                        context=SpanContext(trace_id, int.from_bytes(s.span_id, "big"), False),
+                        parent=parent,
+                        resource=resource,
+                        attributes=attrs(s.attributes),
+                        events=[
+                            Event(e.name, attrs(e.attributes), e.time_unix_nano) for e in s.events
+                        ],
+                        kind=_KINDS[s.kind],
+                        status=status,
+                        start_time=s.start_time_unix_nano,
+                        end_time=s.end_time_unix_nano,
+                        instrumentation_scope=scope,
+                    )
+                )
+    return out
+
+
+class MemorySpanSink:
+    """Keeps every encoded trace request it is given, and reads them back."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+
+    def export(self, request: bytes) -> bool:
+        self.requests.append(request)
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+    def decoded(self) -> list[trace_service_pb2.ExportTraceServiceRequest]:
+        out = []
+        for raw in self.requests:
+            req = trace_service_pb2.ExportTraceServiceRequest()
+            req.ParseFromString(raw)
+            out.append(req)
+        return out
+
+    def get_finished_spans(self) -> list[ReadableSpan]:
+        return [span for req in self.decoded() for span in sdk_spans(req)]
+
+
 class MemoryMetricExporter(MetricExporter):
     """Keeps every MetricsData it is given (cumulative, so the last one has the totals)."""
 
@@ -300,7 +384,7 @@ def run_telemetry(
     metrics: bool = True,
 ) -> tuple[list[ReadableSpan], MemoryMetricExporter, Telemetry]:
     """Exchanges through the real export path into in-memory exporters."""
-    spans = InMemorySpanExporter()
+    spans = MemorySpanSink()
     mexp = MemoryMetricExporter()
     tel = Telemetry(
         config or ExportConfig(),
@@ -314,4 +398,4 @@ def run_telemetry(
     for ex in exchanges:
         tel.submit(ex)
     tel.close(timeout_s=10)
-    return list(spans.get_finished_spans()), mexp, tel
+    return spans.get_finished_spans(), mexp, tel

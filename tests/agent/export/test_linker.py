@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
 from flowprobe.agent.capture.tshark import Tools, read_file
@@ -18,7 +17,7 @@ from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.devenv.pcapgen import ACK, FIN, PSH, SYN, Conn, write_frames
-from tests.agent.export.fakes import exchange, run_telemetry
+from tests.agent.export.fakes import MemorySpanSink, exchange, run_telemetry
 
 T0 = 1_700_000_000_000_000
 MS = 1_000
@@ -182,7 +181,7 @@ def test_a_long_run_of_sequential_requests_links_every_call() -> None:
 def test_held_exchanges_are_bounded() -> None:
     finals: list[Node] = []
     factory = NodeFactory(b"x")
-    linker = Linker(finals.append, factory.trace_id, window_us=10**12, max_held=50)
+    linker = Linker(finals.append, window_us=10**12, max_held=50)
     resolver = AddressResolver()
     for i in range(5_000):
         ex = exchange(client=(f"10.1.{i // 250}.{i % 250}", 40000), start_us=T0 + i)
@@ -254,7 +253,7 @@ def test_pcap_with_a_nested_call_gives_one_trace_with_retransmission_event(
     pcap = tmp_path / "nested.pcap"
     nested_http_pcap(pcap)
     stats = Stats()
-    exporter = InMemorySpanExporter()
+    exporter = MemorySpanSink()
     config = ExportConfig(
         service_names={"10.9.0.1": "frontend", "10.9.0.2": "api", "10.9.0.3": "cart"}
     )
@@ -267,7 +266,7 @@ def test_pcap_with_a_nested_call_gives_one_trace_with_retransmission_event(
     pipeline.finish()
     tel.close(timeout_s=10)
     assert rows.error is None
-    spans = list(exporter.get_finished_spans())
+    spans = exporter.get_finished_spans()
     got = {(s.name, s.kind, s.resource.attributes["service.name"]): s for s in spans}
     assert set(got) == {
         ("GET /checkout", SpanKind.CLIENT, "frontend"),

@@ -12,9 +12,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
-    OTLPSpanExporter as GrpcSpanExporter,
-)
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
     OTLPMetricExporter as HttpMetricExporter,
 )
@@ -23,6 +20,7 @@ from flowprobe.agent.config import ExportConfig, OtlpConfig
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.otlp import OtlpConfigError, resolve
 from flowprobe.agent.export.telemetry import Telemetry
+from flowprobe.agent.export.transport import GrpcSpanSender, HttpSpanSender
 from flowprobe.agent.sessionize.stats import Stats
 from tests.agent.export.fakes import FakeGrpcReceiver, FakeHttpReceiver, exchange
 
@@ -127,12 +125,14 @@ def test_exporter_classes_follow_the_protocol() -> None:
     spans, metrics = otlp.exporters(
         ExportConfig(otlp=OtlpConfig(endpoint="http://127.0.0.1:4317")), {}
     )
-    assert isinstance(spans, GrpcSpanExporter)
+    assert isinstance(spans, GrpcSpanSender)
+    spans.shutdown()
     spans, metrics = otlp.exporters(
         ExportConfig(otlp=OtlpConfig(endpoint="http://127.0.0.1:4318", protocol="http/protobuf")),
         {"OTEL_METRICS_EXPORTER": "none"},
     )
     assert metrics is None
+    assert isinstance(spans, HttpSpanSender)
     _, metrics = otlp.exporters(
         ExportConfig(otlp=OtlpConfig(endpoint="http://127.0.0.1:4318", protocol="http/protobuf")),
         {},

@@ -47,7 +47,7 @@ def _stage(
 ) -> tuple[SecurityStage, InMemoryLogRecordExporter, Metrics]:
     logs = _log_exporter()
     resource = Resource({"service.name": "flowprobe-agent"})
-    metrics = Metrics(lambda wl: Resource({"service.name": wl.name}), resource)
+    metrics = Metrics(resource)
     stage = SecurityStage(
         config,
         out.append,

@@ -26,7 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry.sdk.metrics import Counter as SdkCounter
 from opentelemetry.sdk.metrics import Histogram as SdkHistogram
@@ -43,19 +43,23 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanKind
-from opentelemetry.trace.status import StatusCode
 
 from flowprobe.agent.export import semconv as sc
 from flowprobe.agent.export.selfmetrics import DEFINITIONS as SELF_DEFINITIONS
 from flowprobe.agent.export.selfmetrics import Sample
-from flowprobe.agent.export.spans import SCOPE, Node
+from flowprobe.agent.export.spans import (
+    SCOPE_NAME,
+    SCOPE_VERSION,
+    Node,
+    SpanRecord,
+    resource_attributes,
+)
 from flowprobe.agent.export.workloads import Workload
 
 EXTERNAL = "external"
-SELF_SCOPE = InstrumentationScope("flowprobe.agent.self", SCOPE.version)
+SCOPE = InstrumentationScope(SCOPE_NAME, SCOPE_VERSION)
+SELF_SCOPE = InstrumentationScope("flowprobe.agent.self", SCOPE_VERSION)
 _OVERFLOW: tuple[tuple[str, Any], ...] = (("otel.metric.overflow", True),)
 
 # Low-cardinality attributes per histogram (semconv's required and
@@ -157,8 +161,9 @@ EDGE_BYTES = Instrument("flowprobe.edge.bytes", "By", "L7 payload bytes per edge
 EDGE_RETRANSMITS = Instrument(
     "flowprobe.edge.retransmits", "{packet}", "TCP retransmissions during exchanges per edge."
 )
+_EDGE_DURATION_BOUNDS = sc.HTTP_DURATION_BUCKETS
 EDGE_DURATION = Instrument(
-    "flowprobe.edge.duration", "s", "Exchange duration per edge.", sc.HTTP_DURATION_BUCKETS
+    "flowprobe.edge.duration", "s", "Exchange duration per edge.", _EDGE_DURATION_BOUNDS
 )
 EDGE_RTT = Instrument(
     "flowprobe.edge.rtt",
@@ -168,12 +173,10 @@ EDGE_RTT = Instrument(
 )
 
 
-def pick(
-    protocol: str, kind: SpanKind, attrs: Mapping[str, Any]
-) -> tuple[Instrument | None, Sequence[str]]:
+def pick(protocol: str, span: SpanRecord) -> tuple[Instrument | None, Sequence[str]]:
     """The semconv histogram a span's duration goes to, and its attribute keys."""
-    server = kind is SpanKind.SERVER
-    if protocol in sc.SERVER_PROTOCOLS and sc.RPC_SYSTEM in attrs:
+    server = not span.client
+    if protocol in sc.SERVER_PROTOCOLS and sc.RPC_SYSTEM in span.shared:
         return (RPC_SERVER if server else RPC_CLIENT), _RPC_ATTRS
     if protocol in sc.SERVER_PROTOCOLS:
         return (HTTP_SERVER, _HTTP_SERVER_ATTRS) if server else (HTTP_CLIENT, _HTTP_CLIENT_ATTRS)
@@ -190,8 +193,9 @@ def pick(
 Key = tuple[tuple[str, Any], ...]
 
 
-def _key(attrs: Mapping[str, Any], keys: Sequence[str]) -> Key:
-    return tuple((k, attrs[k]) for k in keys if k in attrs)
+def _key(span: SpanRecord, keys: Sequence[str]) -> Key:
+    own, shared = span.own, span.shared
+    return tuple((k, own[k] if k in own else shared[k]) for k in keys if k in own or k in shared)
 
 
 @dataclass(slots=True)
@@ -201,6 +205,24 @@ class _Hist:
     count: int = 0
     lo: float = math.inf
     hi: float = -math.inf
+
+
+def _observe(hist: _Hist, bounds: tuple[float, ...], value: float) -> None:
+    hist.counts[bisect.bisect_left(bounds, value)] += 1
+    hist.total += value
+    hist.count += 1
+    if value < hist.lo:
+        hist.lo = value
+    if value > hist.hi:
+        hist.hi = value
+
+
+@dataclass(slots=True)
+class _EdgeSlots:
+    exchanges: list[float]
+    request_bytes: list[float]
+    response_bytes: list[float]
+    duration: _Hist
 
 
 @dataclass
@@ -222,14 +244,12 @@ class Metrics:
 
     def __init__(
         self,
-        resource_of: Callable[[Workload], Resource],
         agent_resource: Resource,
         max_workloads: int = 1000,
         preferred_temporality: Mapping[type, AggregationTemporality] | None = None,
         max_series: int = 2000,
         self_samples: Callable[[], Iterable[Sample]] | None = None,
     ) -> None:
-        self.resource_of = resource_of
         self.agent_resource = agent_resource
         self.max_workloads = max_workloads
         self.max_series = max_series
@@ -243,6 +263,7 @@ class Metrics:
         self._states: OrderedDict[object, _State] = OrderedDict()
         self._agent = _State(agent_resource, time.time_ns())
         self._retired: list[_State] = []
+        self._edge_slots: dict[Key, _EdgeSlots] = {}
         self._self_start = time.time_ns()
         self._self_last: dict[tuple[str, Key], float] = {}
 
@@ -263,10 +284,11 @@ class Metrics:
             self.evictions += 1
             # Exported once more at the next collect, then forgotten.
             self._retired.append(old)
-        state = self._states[key] = _State(self.resource_of(wl), time.time_ns())
+        state = self._states[key] = _State(Resource(resource_attributes(wl)), time.time_ns())
         return state
 
-    def _add(self, state: _State, inst: Instrument, key: Key, value: float) -> None:
+    def _slot(self, state: _State, inst: Instrument, key: Key) -> _Hist | list[float]:
+        """The histogram or running sum of ``key`` in ``inst`` (the overflow one when full)."""
         series = state.series.get(inst.name)
         if series is None:
             series = state.series[inst.name] = _Series(inst)
@@ -280,56 +302,67 @@ class Metrics:
             if slot is None:
                 bounds = inst.bounds
                 slot = values[key] = _Hist([0] * (len(bounds) + 1)) if bounds is not None else [0.0]
+        return slot
+
+    def _add(self, state: _State, inst: Instrument, key: Key, value: float) -> None:
+        slot = self._slot(state, inst, key)
         if isinstance(slot, _Hist):
             assert inst.bounds is not None
-            slot.counts[bisect.bisect_left(inst.bounds, value)] += 1
-            slot.total += value
-            slot.count += 1
-            if value < slot.lo:
-                slot.lo = value
-            if value > slot.hi:
-                slot.hi = value
+            _observe(slot, inst.bounds, value)
         else:
             slot[0] += value
 
-    def record(self, node: Node, spans: Iterable[ReadableSpan]) -> None:
+    def _edge(self, edge: Key) -> _EdgeSlots:
+        """The agent's per-edge series an exchange always adds to, found once per edge.
+
+        Kept until the next collection, which may start new series (delta
+        temporality) and so ends this cache.
+        """
+        agent = self._agent
+        slots = self._edge_slots[edge] = _EdgeSlots(
+            cast(list[float], self._slot(agent, EDGE_EXCHANGES, edge)),
+            cast(
+                list[float],
+                self._slot(agent, EDGE_BYTES, (*edge, ("flowprobe.direction", "request"))),
+            ),
+            cast(
+                list[float],
+                self._slot(agent, EDGE_BYTES, (*edge, ("flowprobe.direction", "response"))),
+            ),
+            cast(_Hist, self._slot(agent, EDGE_DURATION, edge)),
+        )
+        return slots
+
+    def record(self, node: Node, spans: Iterable[SpanRecord]) -> None:
         ex = node.ex
         assert ex is not None
         seconds = ex.duration_us / 1e6
         failed: bool | None = None
         with self._lock:
             for span in spans:
-                client = span.kind is SpanKind.CLIENT
-                wl = node.client_wl if client else node.server_wl
-                attrs = span.attributes or {}
                 # The callee's verdict is the edge's when there is one: a 404
                 # fails the caller's span but is not a server error.
-                if not client or failed is None:
-                    failed = span.status.status_code is StatusCode.ERROR
-                if wl is None:
-                    continue
-                inst, keys = pick(ex.protocol, span.kind, attrs)
+                if not span.client or failed is None:
+                    failed = span.error is not None
+                inst, keys = pick(ex.protocol, span)
                 if inst is not None:
-                    self._add(self._state(wl), inst, _key(attrs, keys), seconds)
+                    self._add(self._state(span.workload), inst, _key(span, keys), seconds)
             edge: Key = (
                 ("flowprobe.client.service", node.client_wl.name if node.client_wl else EXTERNAL),
                 ("flowprobe.server.service", node.server_wl.name if node.server_wl else EXTERNAL),
                 ("flowprobe.protocol", ex.protocol),
             )
-            agent = self._agent
+            slots = self._edge_slots.get(edge) or self._edge(edge)
             f = ex.figures
-            self._add(agent, EDGE_EXCHANGES, edge, 1)
+            slots.exchanges[0] += 1
+            slots.request_bytes[0] += f.client_bytes
+            slots.response_bytes[0] += f.server_bytes
+            _observe(slots.duration, _EDGE_DURATION_BOUNDS, seconds)
+            agent = self._agent
             if failed:
                 self._add(agent, EDGE_ERRORS, edge, 1)
-            self._add(
-                agent, EDGE_BYTES, (*edge, ("flowprobe.direction", "request")), f.client_bytes
-            )
-            self._add(
-                agent, EDGE_BYTES, (*edge, ("flowprobe.direction", "response")), f.server_bytes
-            )
             if f.retransmits:
                 self._add(agent, EDGE_RETRANSMITS, edge, f.retransmits)
-            self._add(agent, EDGE_DURATION, edge, seconds)
             if f.rtt_samples:
                 self._add(agent, EDGE_RTT, edge, f.rtt_sum_us / f.rtt_samples / 1e6)
 
@@ -345,6 +378,7 @@ class Metrics:
         now = time.time_ns()
         out: list[ResourceMetrics] = []
         with self._lock:
+            self._edge_slots.clear()
             retired, self._retired = self._retired, []
             states = [*retired, *self._states.values(), self._agent]
             for state in states:

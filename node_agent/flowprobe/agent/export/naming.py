@@ -10,28 +10,28 @@ the result, never the raw path.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from flowprobe.agent.export import semconv as sc
 from flowprobe.agent.sessionize.records import Exchange
 
-_ID_SEGMENT = re.compile(
-    r"""^(?:
+# A path segment that looks like an identifier, as a whole segment: preceded
+# by "/" or the start, followed by "/" or the end. One substitution over the
+# path, rather than a match per segment, since it runs for every request.
+_ID_SEGMENTS = re.compile(
+    r"""(?<![^/])(?:
         \d+                                             # numbers
       | [0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}  # UUID
       | [0-9a-fA-F]{16,}                                # hashes, hex ids
       | (?=[A-Za-z0-9_-]*\d)[A-Za-z0-9_-]{20,}          # long tokens with digits
-    )$""",
+    )(?=/|\Z)""",
     re.VERBOSE,
 )
 _PLACEHOLDER = re.compile(r"^\{[A-Za-z_][A-Za-z0-9_.-]*\}$")
 
 
 def route_from_path(path: str) -> str:
-    if not path:
-        return "/"
-    segments = path.split("/")
-    return "/".join("{id}" if seg and _ID_SEGMENT.match(seg) else seg for seg in segments)
+    return _ID_SEGMENTS.sub("{id}", path) if path else "/"
 
 
 def _compile_pattern(pattern: str) -> re.Pattern[str]:
@@ -78,7 +78,7 @@ def normalize_method(method: str) -> tuple[str, str | None]:
     return sc.HTTP_METHOD_OTHER, method or None
 
 
-def db_span_name(attrs: dict[str, object], protocol: str) -> str:
+def db_span_name(attrs: Mapping[str, object], protocol: str) -> str:
     """``{db.operation.name} {db.collection.name}``, the operation alone, or the system."""
     op = attrs.get(sc.DB_OPERATION_NAME)
     if op:
@@ -90,7 +90,7 @@ def db_span_name(attrs: dict[str, object], protocol: str) -> str:
     return str(attrs.get(sc.DB_SYSTEM_NAME) or protocol)
 
 
-def rpc_span_name(attrs: dict[str, object]) -> str | None:
+def rpc_span_name(attrs: Mapping[str, object]) -> str | None:
     """``{service}/{method}``; newer parsers may already put both in rpc.method."""
     method = attrs.get(sc.RPC_METHOD)
     if not method:
@@ -104,7 +104,7 @@ def endpoint_name(ex: Exchange, routes: RouteTable | None = None) -> str:
     proto = ex.protocol
     table = routes or _DEFAULT_ROUTES
     if proto in ("http", "http2", "grpc"):
-        rpc = rpc_span_name(dict(a)) if proto != "http" else None
+        rpc = rpc_span_name(a) if proto != "http" else None
         if rpc is not None:
             return rpc
         method, _ = normalize_method(str(a.get(sc.HTTP_REQUEST_METHOD, "")))
@@ -112,5 +112,5 @@ def endpoint_name(ex: Exchange, routes: RouteTable | None = None) -> str:
     if proto == "dns":
         return f"{a.get(sc.DNS_QUESTION_TYPE, '?')} lookup"
     if sc.DB_OPERATION_NAME in a or proto in sc.DB_PROTOCOLS:
-        return db_span_name(dict(a), proto)
+        return db_span_name(a, proto)
     return proto

@@ -1,9 +1,11 @@
 """OTLP exporters from configuration and the standard ``OTEL_EXPORTER_OTLP_*`` variables.
 
 Everything is resolved here, once, into explicit :class:`SignalSettings`, and
-the SDK exporters are built with explicit arguments: what the agent will do
-is then visible (and logged) in one place instead of split between our
-configuration and the SDK's own environment lookups.
+the exporters are built with explicit arguments: what the agent will do is
+then visible (and logged) in one place instead of split between our
+configuration and the SDK's own environment lookups. Spans go through the
+agent's own senders (``transport.py``: the agent encodes them itself), metrics
+through the SDK's OTLP metric exporters.
 
 Precedence per setting: agent configuration (flags included) > the
 signal-specific variable (``OTEL_EXPORTER_OTLP_TRACES_*``) > the generic one
@@ -16,18 +18,19 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import grpc
 from opentelemetry.sdk._logs.export import LogRecordExporter
 from opentelemetry.sdk.metrics.export import MetricExporter
-from opentelemetry.sdk.trace.export import SpanExporter
 
 from flowprobe.agent.config import ExportConfig, OtlpConfig
+
+if TYPE_CHECKING:
+    from flowprobe.agent.export.transport import SpanSink
 
 Signal = Literal["traces", "metrics", "logs"]
 Protocol = Literal["grpc", "http/protobuf"]
@@ -204,7 +207,7 @@ def metric_interval(export: ExportConfig, env: Mapping[str, str] | None = None) 
     return seconds
 
 
-def _grpc_credentials(s: SignalSettings) -> grpc.ChannelCredentials | None:
+def grpc_credentials(s: SignalSettings) -> grpc.ChannelCredentials | None:
 
     if s.insecure or not (s.certificate or s.client_certificate):
         return None
@@ -222,7 +225,7 @@ def _grpc_credentials(s: SignalSettings) -> grpc.ChannelCredentials | None:
     )
 
 
-def _grpc_compression(name: str) -> grpc.Compression:
+def grpc_compression(name: str) -> grpc.Compression:
     return {
         "gzip": grpc.Compression.Gzip,
         "deflate": grpc.Compression.Deflate,
@@ -234,10 +237,10 @@ def _grpc_kwargs(s: SignalSettings) -> dict[str, Any]:
     return {
         "endpoint": s.endpoint,
         "insecure": s.insecure,
-        "credentials": _grpc_credentials(s),
+        "credentials": grpc_credentials(s),
         "headers": dict(s.headers),
         "timeout": s.timeout_s,
-        "compression": _grpc_compression(s.compression),
+        "compression": grpc_compression(s.compression),
     }
 
 
@@ -255,17 +258,11 @@ def _http_kwargs(s: SignalSettings) -> dict[str, Any]:
     }
 
 
-def span_exporter(s: SignalSettings) -> SpanExporter:
-    # Imported on use: only the chosen protocol's stack (grpcio or requests) loads.
-    if s.protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+def span_exporter(s: SignalSettings) -> SpanSink:
+    # Imported on use: transport.py builds on this module.
+    from flowprobe.agent.export.transport import GrpcSpanSender, HttpSpanSender
 
-        return OTLPSpanExporter(**_grpc_kwargs(s))
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpSpanExporter,
-    )
-
-    return HttpSpanExporter(**_http_kwargs(s))
+    return GrpcSpanSender(s) if s.protocol == "grpc" else HttpSpanSender(s)
 
 
 def metric_exporter(s: SignalSettings) -> MetricExporter:
@@ -294,16 +291,14 @@ def log_exporter(s: SignalSettings) -> LogRecordExporter:
 
 def exporters(
     export: ExportConfig, env: Mapping[str, str] | None = None
-) -> tuple[SpanExporter | None, MetricExporter | None]:
+) -> tuple[SpanSink | None, MetricExporter | None]:
     """The span and metric exporters the configuration asks for (None: that signal is off)."""
-    spans: SpanExporter | None = None
+    spans: SpanSink | None = None
     metrics: MetricExporter | None = None
     if export.console_spans:
-        from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+        from flowprobe.agent.export.transport import ConsoleSpanPrinter
 
-        spans = ConsoleSpanExporter(
-            out=sys.stdout, formatter=lambda span: span.to_json(indent=None) + "\n"
-        )
+        spans = ConsoleSpanPrinter()
     elif export.traces and (t := resolve(export.otlp, "traces", env)) is not None:
         log.info("OTLP %s", t.describe())
         spans = span_exporter(t)
@@ -313,12 +308,11 @@ def exporters(
     return spans, metrics
 
 
-# The SDK exporters log every failed batch (and every retry) at WARNING/ERROR;
-# with a backend down for an hour that is thousands of lines. The agent
-# reports the first failure and the recovery itself, with drop counts.
+# The SDK metric exporters log every failed export (and every retry) at
+# WARNING/ERROR; with a backend down for an hour that is hundreds of lines.
+# The agent reports the first failure and the recovery itself, with drop counts.
 SDK_EXPORT_LOGGERS = (
     "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
     "opentelemetry.exporter.otlp.proto.http.metric_exporter",
     "opentelemetry.exporter.otlp.proto.http._log_exporter",
     "opentelemetry.exporter.otlp.proto.http._common",

@@ -1,11 +1,14 @@
-"""Exchanges as OpenTelemetry spans: names, kinds, attributes, status, events, parents.
+"""Exchanges as OpenTelemetry spans, encoded straight to OTLP protobuf.
 
-Spans are built directly as SDK ``ReadableSpan`` objects rather than through a
-``Tracer``: their times are capture times (not "now"), each carries the
-resource of the workload it describes (one agent exports for many workloads),
-and trace/span ids must be chosen by us so that the caller's CLIENT span, the
-callee's SERVER span and downstream calls end up in one trace. docs/export.md
-describes the model; :class:`Linker` implements the parent/child rule.
+Spans are not SDK objects: their times are capture times (not "now"), each
+carries the resource of the workload it describes (one agent exports for many
+workloads), and trace/span ids are chosen here so that the caller's CLIENT
+span, the callee's SERVER span and downstream calls end up in one trace. A
+finalised exchange becomes :class:`SpanRecord` objects holding the encoded
+OTLP ``Span`` message (see ``protobuf.py`` for why it is hand-encoded) and
+what the metrics need; :class:`TraceRequestEncoder` groups a batch of them by
+resource into an ``ExportTraceServiceRequest``. docs/export.md describes the
+model; :class:`Linker` implements the parent/child rule.
 """
 
 from __future__ import annotations
@@ -13,17 +16,13 @@ from __future__ import annotations
 import bisect
 import hashlib
 import heapq
+import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
-from opentelemetry.trace.status import Status, StatusCode
-
+from flowprobe.agent.export import protobuf as pb
 from flowprobe.agent.export import semconv as sc
 from flowprobe.agent.export.naming import (
     RouteTable,
@@ -35,8 +34,8 @@ from flowprobe.agent.export.naming import (
 from flowprobe.agent.export.workloads import Workload, host_port
 from flowprobe.agent.sessionize.records import Exchange, Outcome
 
-SCOPE = InstrumentationScope("flowprobe.agent", "0.1.0")
-_SAMPLED = TraceFlags(TraceFlags.SAMPLED)
+SCOPE_NAME = "flowprobe.agent"
+SCOPE_VERSION = "0.1.0"
 # Record bookkeeping that is not a span attribute (times become the span's
 # own, events become span events).
 _NOT_ATTRIBUTES = frozenset(
@@ -48,6 +47,30 @@ _NOT_ATTRIBUTES = frozenset(
         "flowprobe.security.events",
     }
 )
+# How span attributes are cached (protobuf.AttributeEncoder): values new on
+# most exchanges are encoded alone, a connection's addresses and ports
+# together, everything else (method, route, status, ...) as one block.
+_ALONE = frozenset(
+    {
+        sc.URL_PATH,
+        sc.URL_QUERY,
+        sc.URL_FULL,
+        sc.DB_QUERY_TEXT,
+        sc.DNS_QUESTION_NAME,
+        "flowprobe.duration_us",
+        "flowprobe.server_response_time_us",
+        "flowprobe.request.bytes",
+        "flowprobe.response.bytes",
+        "flowprobe.tcp.rtt.mean_us",
+        "flowprobe.tcp.rtt.max_us",
+        "flowprobe.tcp.handshake.server_us",
+        "flowprobe.tcp.handshake.client_us",
+    }
+)
+_CONNECTION = (
+    frozenset({sc.CLIENT_ADDRESS, sc.CLIENT_PORT}),
+    frozenset({sc.NETWORK_PEER_ADDRESS, sc.NETWORK_PEER_PORT}),
+)
 _FAILED = frozenset({Outcome.NO_RESPONSE, Outcome.RESET, Outcome.TIMEOUT})
 # Query parameters semconv asks to redact in url.query / url.full.
 _SENSITIVE_QUERY_KEYS = frozenset({"awsaccesskeyid", "signature", "sig", "x-goog-signature"})
@@ -56,11 +79,50 @@ _SENSITIVE_QUERY_KEYS = frozenset({"awsaccesskeyid", "signature", "sig", "x-goog
 RULE_SAME_EXCHANGE = "same_exchange"
 RULE_IN_FLIGHT = "in_flight"
 
+# OTLP field tags (trace.proto, common.proto, resource.proto,
+# trace_service.proto): ``number << 3 | wire type``.
+_SPAN_ATTRIBUTE = pb.tag(9, 2)
+_TRACE_ID = pb.tag(1, 2) + b"\x10"
+_SPAN_ID = pb.tag(2, 2) + b"\x08"
+_PARENT_ID = pb.tag(4, 2) + b"\x08"
+_NAME = pb.tag(5, 2)
+_KIND_SERVER = pb.tag(6, 0) + b"\x02"
+_KIND_CLIENT = pb.tag(6, 0) + b"\x03"
+_TIMES = struct.Struct("<BQBQ")  # start (7) and end (8), fixed64 each
+_EVENT = pb.tag(11, 2)
+_EVENT_TIME = struct.Struct("<BQ")  # Event.time_unix_nano (1), fixed64
+_EVENT_ATTRIBUTE = pb.tag(3, 2)  # Event.attributes
+_STATUS = pb.tag(15, 2)
+_STATUS_UNSET = _STATUS + b"\x00"  # as the SDK sends it: present and empty
+_STATUS_ERROR_CODE = pb.tag(3, 0) + b"\x02"
+# SPAN_FLAGS_CONTEXT_HAS_IS_REMOTE_MASK (and not remote): what the SDK sends.
+_FLAGS = pb.tag(16, 5) + struct.pack("<I", 0x100)
+_SCOPE_SPANS_SPAN = pb.tag(2, 2)
+_RESOURCE_SPANS = pb.tag(1, 2)
+_ZERO_ID = bytes(8)
 
-def _hash(salt: bytes, kind: bytes, key: str, size: int) -> int:
-    digest = hashlib.blake2b(kind + key.encode(), digest_size=size, key=salt).digest()
+
+@dataclass(slots=True)
+class SpanRecord:
+    """One span, encoded, with what the metrics of its exchange need to know about it."""
+
+    client: bool  # a CLIENT span; else SERVER
+    workload: Workload
+    # The span's attributes are ``own`` over ``shared`` (the exchange's).
+    shared: dict[str, Any]
+    own: dict[str, Any]
+    error: str | None  # error.type; the span's status is ERROR when set
+    # The Span message as a ScopeSpans.spans field, ready to be concatenated.
+    encoded: bytes
+
+    def attribute(self, key: str) -> Any:
+        own = self.own
+        return own[key] if key in own else self.shared.get(key)
+
+
+def _nonzero(span_id: bytes) -> bytes:
     # All-zero ids are invalid in OTLP; a 2^-64 event, but cheap to exclude.
-    return int.from_bytes(digest, "big") or 1
+    return span_id if span_id != _ZERO_ID else b"\x00" * 7 + b"\x01"
 
 
 @dataclass(slots=True, eq=False)
@@ -69,132 +131,136 @@ class Node:
 
     ex: Exchange | None
     seq: int
-    key: str
     start_us: int
     end_us: int
     client_address: str
     server_address: str
     client_wl: Workload | None
     server_wl: Workload | None
-    client_span_id: int = 0
-    server_span_id: int = 0
+    client_span_id: bytes = b""
+    server_span_id: bytes = b""
+    # The trace id this exchange gets if it is a root.
+    own_trace_id: bytes = b""
     can_be_parent: bool = False
     parent: Node | None = None
     children: list[Node] = field(default_factory=list)
-    trace_id: int = 0
+    trace_id: bytes = b""
     held_at: float = 0.0
 
     @property
-    def top_span_id(self) -> int:
+    def top_span_id(self) -> bytes:
         return self.client_span_id or self.server_span_id
 
 
 class SpanBuilder:
     """Turns a finalised :class:`Node` into its spans (CLIENT and/or SERVER)."""
 
-    def __init__(self, routes: RouteTable | None = None, max_resources: int = 4096) -> None:
+    def __init__(self, routes: RouteTable | None = None, max_names: int = 8192) -> None:
         self.routes = routes or RouteTable()
-        self._resources: dict[object, Resource] = {}
-        self._max_resources = max_resources
+        self._shared = pb.AttributeEncoder(_SPAN_ATTRIBUTE, _CONNECTION, _ALONE, _NOT_ATTRIBUTES)
+        self._own = pb.AttributeEncoder(_SPAN_ATTRIBUTE, _CONNECTION, _ALONE)
+        self._names: dict[str, bytes] = {}
+        self._max_names = max_names
 
-    def resource(self, wl: Workload) -> Resource:
-        res = self._resources.get(wl.key)
-        if res is None:
-            if len(self._resources) >= self._max_resources:
-                self._resources.clear()
-            # Resource() rather than Resource.create(): OTEL_RESOURCE_ATTRIBUTES
-            # and the SDK's telemetry.sdk.* describe the agent, not this workload.
-            res = Resource({sc.SERVICE_NAME: wl.name, **dict(wl.attributes)})
-            self._resources[wl.key] = res
-        return res
-
-    def build(self, node: Node) -> list[ReadableSpan]:
+    def build(self, node: Node) -> list[SpanRecord]:
         ex = node.ex
         assert ex is not None
-        base: dict[str, Any] = {
-            k: v for k, v in ex.to_dict().items() if k not in _NOT_ATTRIBUTES and v is not None
-        }
-        name, kind_attrs = self._describe(ex, base)
-        events = [Event(n, timestamp=t * 1000) for t, n in ex.events]
-        events += [Event(n, a, t * 1000) for t, n, a in ex.security_events]
-        spans: list[ReadableSpan] = []
-        trace_id = node.trace_id
+        shared = ex.to_dict()
+        # Decided per span, with its status (a 404 fails the CLIENT span only).
+        shared.pop(sc.ERROR_TYPE, None)
+        name, client, server = self._describe(ex, shared)
+        name_field = self._names.get(name)
+        if name_field is None:
+            if len(self._names) >= self._max_names:
+                self._names.clear()
+            name_field = self._names[name] = pb.field(_NAME, name.encode())
+        # Everything both spans of the exchange share, encoded once.
+        trace = _TRACE_ID + node.trace_id
+        middle = _TIMES.pack(0x39, ex.start_us * 1000, 0x41, ex.end_us * 1000) + (
+            self._shared.encode(shared)
+        )
+        events = (
+            b"".join(
+                pb.field(_EVENT, _EVENT_TIME.pack(0x09, t * 1000) + pb.field(b"\x12", n.encode()))
+                for t, n in ex.events
+            )
+            if ex.events
+            else b""
+        )
+        if ex.security_events:
+            # Rule hits and first-seen sensitive data carry their own attributes.
+            events += b"".join(
+                pb.field(
+                    _EVENT,
+                    _EVENT_TIME.pack(0x09, t * 1000)
+                    + pb.field(b"\x12", n.encode())
+                    + pb.attributes(_EVENT_ATTRIBUTE, a.items()),
+                )
+                for t, n, a in ex.security_events
+            )
+        spans: list[SpanRecord] = []
         if node.client_span_id:
             assert node.client_wl is not None
             parent = node.parent
-            attrs = {**base, **kind_attrs["client"]}
             if parent is not None:
-                attrs[sc.FLOWPROBE_LINK] = RULE_IN_FLIGHT
+                client[sc.FLOWPROBE_LINK] = RULE_IN_FLIGHT
+            head = trace + _SPAN_ID + node.client_span_id
+            if parent is not None:
+                head += _PARENT_ID + parent.server_span_id
             spans.append(
                 self._span(
-                    name,
-                    SpanKind.CLIENT,
-                    trace_id,
-                    node.client_span_id,
-                    parent.server_span_id if parent is not None else 0,
+                    True,
                     node.client_wl,
-                    attrs,
+                    head + name_field + _KIND_CLIENT,
+                    middle,
+                    shared,
+                    client,
                     events,
-                    ex,
-                    self._status(ex, attrs, client=True),
+                    self._error(ex, shared, client=True),
                 )
             )
         if node.server_span_id:
             assert node.server_wl is not None
-            attrs = {**base, **kind_attrs["server"]}
-            parent_id = node.client_span_id
-            if parent_id:
-                attrs[sc.FLOWPROBE_LINK] = RULE_SAME_EXCHANGE
+            head = trace + _SPAN_ID + node.server_span_id
+            if node.client_span_id:
+                server[sc.FLOWPROBE_LINK] = RULE_SAME_EXCHANGE
+                head += _PARENT_ID + node.client_span_id
             spans.append(
                 self._span(
-                    name,
-                    SpanKind.SERVER,
-                    trace_id,
-                    node.server_span_id,
-                    parent_id,
+                    False,
                     node.server_wl,
-                    attrs,
+                    head + name_field + _KIND_SERVER,
+                    middle,
+                    shared,
+                    server,
                     events,
-                    ex,
-                    self._status(ex, attrs, client=False),
+                    self._error(ex, shared, client=False),
                 )
             )
         return spans
 
     def _span(
         self,
-        name: str,
-        kind: SpanKind,
-        trace_id: int,
-        span_id: int,
-        parent_id: int,
+        client: bool,
         wl: Workload,
-        attrs: dict[str, Any],
-        events: list[Event],
-        ex: Exchange,
-        status: Status,
-    ) -> ReadableSpan:
-        parent = SpanContext(trace_id, parent_id, False, _SAMPLED) if parent_id else None
-        return ReadableSpan(
-            name=name,
-            context=SpanContext(trace_id, span_id, False, _SAMPLED),
-            parent=parent,
-            resource=self.resource(wl),
-            attributes=attrs,
-            events=events,
-            kind=kind,
-            status=status,
-            # Capture timestamps are microseconds; OTLP wants nanoseconds.
-            start_time=ex.start_us * 1000,
-            end_time=ex.end_us * 1000,
-            instrumentation_scope=SCOPE,
-        )
+        head: bytes,
+        middle: bytes,
+        shared: dict[str, Any],
+        own: dict[str, Any],
+        events: bytes,
+        error: str | None,
+    ) -> SpanRecord:
+        """One span: fields in field-number order, as protobuf writers emit them."""
+        if error is not None:
+            own[sc.ERROR_TYPE] = error
+        body = b"".join((head, middle, self._own.encode(own), events, _status(error), _FLAGS))
+        return SpanRecord(client, wl, shared, own, error, pb.field(_SCOPE_SPANS_SPAN, body))
 
     # -- per protocol -----------------------------------------------------
 
     def _describe(
         self, ex: Exchange, base: dict[str, Any]
-    ) -> tuple[str, dict[str, dict[str, Any]]]:
+    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
         """Span name and the attributes that differ between the CLIENT and SERVER span."""
         proto = ex.protocol
         attrs = ex.attrs
@@ -209,19 +275,19 @@ class SpanBuilder:
             sc.NETWORK_LOCAL_ADDRESS: ep.server_address,
             sc.NETWORK_LOCAL_PORT: ep.server_port,
         }
-        rpc_name = rpc_span_name(dict(attrs)) if proto != "http" else None
+        rpc_name = rpc_span_name(attrs) if proto != "http" else None
         if proto in sc.SERVER_PROTOCOLS and rpc_name is not None:
             base.setdefault(sc.RPC_SYSTEM, "grpc")
             code = grpc_status_code(attrs)
             if code is not None:
                 base[sc.RPC_GRPC_STATUS_CODE] = code
-            return rpc_name, {"client": client, "server": server}
+            return rpc_name, client, server
         if proto in sc.SERVER_PROTOCOLS:
             return self._http(ex, base, client, server)
         if proto in sc.DB_PROTOCOLS:
             base.setdefault(sc.DB_SYSTEM_NAME, proto)
-            return db_span_name(dict(attrs), proto), {"client": client, "server": server}
-        return endpoint_name(ex, self.routes), {"client": client, "server": server}
+            return db_span_name(attrs, proto), client, server
+        return endpoint_name(ex, self.routes), client, server
 
     def _http(
         self,
@@ -229,7 +295,7 @@ class SpanBuilder:
         base: dict[str, Any],
         client: dict[str, Any],
         server: dict[str, Any],
-    ) -> tuple[str, dict[str, dict[str, Any]]]:
+    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
         a = ex.attrs
         ep = ex.endpoints
         method, original = normalize_method(str(a.get(sc.HTTP_REQUEST_METHOD, "")))
@@ -249,37 +315,90 @@ class SpanBuilder:
         host = a.get(sc.HTTP_REQUEST_HEADER_HOST)
         authority = host_port(ep.server_address, ep.server_port)
         if isinstance(host, str) and host:
-            # semconv types request headers as string arrays.
-            base[sc.HTTP_REQUEST_HEADER_HOST] = [host]
+            # semconv types request headers as string arrays (a tuple: hashable,
+            # so the encoder can cache it).
+            base[sc.HTTP_REQUEST_HEADER_HOST] = (host,)
             authority = host
-            name, port = split_host(host, ep.server_port)
-            for side in (client, server):
-                side[sc.SERVER_ADDRESS] = name
-                side[sc.SERVER_PORT] = port
+            base[sc.SERVER_ADDRESS], base[sc.SERVER_PORT] = split_host(host, ep.server_port)
         client[sc.URL_FULL] = f"http://{authority}{path}" + (
             f"?{query}" if isinstance(query, str) else ""
         )
-        return f"{method} {route}", {"client": client, "server": server}
+        return f"{method} {route}", client, server
 
     # -- status -----------------------------------------------------------
 
-    def _status(self, ex: Exchange, attrs: dict[str, Any], client: bool) -> Status:
-        """semconv: a SERVER span fails on 5xx, a CLIENT span on 4xx too; both on no answer."""
+    def _error(self, ex: Exchange, attrs: dict[str, Any], client: bool) -> str | None:
+        """error.type, or None when the span did not fail.
+
+        semconv: a SERVER span fails on 5xx, a CLIENT span on 4xx too; both on no answer.
+        """
         error = ex.error_type
         if ex.outcome in _FAILED:
-            error = error or ex.outcome.value
-        elif sc.RPC_SYSTEM in attrs and isinstance(attrs.get(sc.RPC_GRPC_STATUS_CODE), int):
+            return error or ex.outcome.value
+        if sc.RPC_SYSTEM in attrs and isinstance(attrs.get(sc.RPC_GRPC_STATUS_CODE), int):
             code = int(attrs[sc.RPC_GRPC_STATUS_CODE])
             failed = code != 0 if client else code in sc.GRPC_SERVER_ERROR_CODES
-            error = grpc_code_name(code) if failed else None
-        elif isinstance(attrs.get(sc.HTTP_RESPONSE_STATUS_CODE), int):
+            return grpc_code_name(code) if failed else None
+        if isinstance(attrs.get(sc.HTTP_RESPONSE_STATUS_CODE), int):
             code = int(attrs[sc.HTTP_RESPONSE_STATUS_CODE])
-            error = str(code) if code >= (400 if client else 500) else None
-        if error is None:
-            attrs.pop(sc.ERROR_TYPE, None)
-            return Status(StatusCode.UNSET)
-        attrs[sc.ERROR_TYPE] = error
-        return Status(StatusCode.ERROR, error)
+            return str(code) if code >= (400 if client else 500) else None
+        return error
+
+
+def _status(error: str | None) -> bytes:
+    """The Status field: ERROR with error.type as its message, else UNSET."""
+    if error is None:
+        return _STATUS_UNSET
+    return pb.field(_STATUS, pb.field(b"\x12", error.encode()) + _STATUS_ERROR_CODE)
+
+
+class TraceRequestEncoder:
+    """Batches of encoded spans (``(workload, SpanRecord.encoded)``) as one
+    ``ExportTraceServiceRequest``, grouped by resource.
+
+    A workload's Resource and the agent's InstrumentationScope are encoded
+    once and kept (``max_resources`` at most, then the cache starts over).
+    """
+
+    def __init__(self, max_resources: int = 4096) -> None:
+        self._heads: dict[object, bytes] = {}
+        self._max = max_resources
+        scope = pb.field(b"\x0a", SCOPE_NAME.encode()) + pb.field(b"\x12", SCOPE_VERSION.encode())
+        self._scope = pb.field(b"\x0a", scope)
+
+    def _head(self, wl: Workload) -> bytes:
+        """ResourceSpans.resource, the Resource of ``wl``."""
+        head = self._heads.get(wl.key)
+        if head is None:
+            if len(self._heads) >= self._max:
+                self._heads.clear()
+            resource = pb.attributes(b"\x0a", resource_attributes(wl).items())
+            head = self._heads[wl.key] = pb.field(b"\x0a", resource)
+        return head
+
+    def encode(self, spans: Iterable[tuple[Workload, bytes]]) -> bytes:
+        by_resource: dict[Workload, list[bytes]] = {}
+        for wl, span in spans:
+            group = by_resource.get(wl)
+            if group is None:
+                group = by_resource[wl] = []
+            group.append(span)
+        return b"".join(
+            pb.field(
+                _RESOURCE_SPANS,
+                self._head(wl) + pb.field(b"\x12", self._scope + b"".join(encoded)),
+            )
+            for wl, encoded in by_resource.items()
+        )
+
+
+def resource_attributes(wl: Workload) -> dict[str, Any]:
+    """A workload's resource: ``service.name`` and whatever its resolver added (``k8s.*``).
+
+    Not ``Resource.create()``'s: OTEL_RESOURCE_ATTRIBUTES and the SDK's
+    telemetry.sdk.* describe the agent, not this workload.
+    """
+    return {sc.SERVICE_NAME: wl.name, **dict(wl.attributes)}
 
 
 def grpc_status_code(attrs: dict[str, Any]) -> int | None:
@@ -347,14 +466,12 @@ class Linker:
     def __init__(
         self,
         on_final: Callable[[Node], None],
-        new_trace_id: Callable[[Node], int],
         window_us: int = 2_000_000,
         max_held: int = 20_000,
         clock: Callable[[], float] = time.monotonic,
         max_parents: int = 100_000,
     ) -> None:
         self.on_final = on_final
-        self.new_trace_id = new_trace_id
         self.window_us = window_us
         self.max_held = max_held
         self.clock = clock
@@ -397,7 +514,7 @@ class Linker:
                 self._longest[addr] = duration
         if not node.client_span_id:
             # No caller span: nothing to hang under a parent.
-            self._finalize(node, 0)
+            self._finalize(node, b"")
         else:
             self.held += 1
             node.held_at = self.clock()
@@ -449,7 +566,7 @@ class Linker:
                 if i > self.SCAN_LIMIT and len(found) == 1:
                     # Another candidate may lie further back: not provably unique.
                     self.counts["scan_limit"] += 1
-                    self._finalize(node, 0)
+                    self._finalize(node, b"")
                     return
         if len(found) == 1:
             parent = found[0]
@@ -465,15 +582,15 @@ class Linker:
                 parent.children.append(node)
             return
         self.counts["ambiguous" if found else "root"] += 1
-        self._finalize(node, 0)
+        self._finalize(node, b"")
 
-    def _finalize(self, node: Node, trace_id: int) -> None:
+    def _finalize(self, node: Node, trace_id: bytes) -> None:
         stack = [(node, trace_id)]
         while stack:
             n, tid = stack.pop()
             if n.client_span_id:
                 self.held -= 1
-            n.trace_id = tid or self.new_trace_id(n)
+            n.trace_id = tid or n.own_trace_id
             self.on_final(n)
             # Only the interval and ids are needed from now on (as a
             # candidate parent); drop the record itself.
@@ -535,30 +652,27 @@ class NodeFactory:
         self._seq += 1
         seq = self._seq
         ep = ex.endpoints
-        key = (
-            f"{seq}|{ep.transport}|{ep.client_address}|{ep.client_port}|"
-            f"{ep.server_address}|{ep.server_port}|{ex.start_us}"
-        )
+        # One hash gives all three ids: the CLIENT and SERVER span ids and the
+        # trace id used if the exchange turns out to be a root. The sequence
+        # number makes them unique within the process, the salt across processes.
+        ids = hashlib.blake2b(seq.to_bytes(8, "big"), digest_size=32, key=self.salt).digest()
         server_kind = ex.protocol in sc.SERVER_PROTOCOLS
         emit_client = client_wl is not None
         # Database and DNS exchanges are the caller's operation; only when the
         # caller is not observed does the callee's view stand in for it.
         emit_server = server_wl is not None and (server_kind or client_wl is None)
-        node = Node(
+        return Node(
             ex=ex,
             seq=seq,
-            key=key,
             start_us=ex.start_us,
             end_us=ex.end_us,
             client_address=ep.client_address,
             server_address=ep.server_address,
             client_wl=client_wl,
             server_wl=server_wl,
-            client_span_id=_hash(self.salt, b"c", key, 8) if emit_client else 0,
-            server_span_id=_hash(self.salt, b"s", key, 8) if emit_server else 0,
+            client_span_id=_nonzero(ids[:8]) if emit_client else b"",
+            server_span_id=_nonzero(ids[8:16]) if emit_server else b"",
+            # 16 bytes of a keyed hash are never all zero in practice (2^-128).
+            own_trace_id=ids[16:],
             can_be_parent=emit_server and server_kind,
         )
-        return node
-
-    def trace_id(self, node: Node) -> int:
-        return _hash(self.salt, b"t", node.key, 16)

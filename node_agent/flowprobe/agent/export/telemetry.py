@@ -6,9 +6,12 @@
 
 Both queues are bounded and never waited on: a full queue drops (and counts)
 the newest item, so capture never blocks and memory stays bounded however
-long the backend is down or slow. The SDK exporters retry within their
-timeout and reconnect by themselves; a batch that still fails is dropped and
-counted, and the agent logs the first failure and the recovery (with how
+long the backend is down or slow. The span queue holds spans already encoded
+(bytes and their workload, nothing else: a long queue is little memory and
+little work for the garbage collector); the span thread only groups a batch
+into one request. The
+exporters retry within their timeout and reconnect by themselves; a batch
+that still fails is dropped and counted, and the agent logs the first failure and the recovery (with how
 much was dropped meanwhile). Metrics are cumulative, so an export missed
 while the backend was down is made up by the next one.
 """
@@ -25,16 +28,21 @@ from collections.abc import Callable
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 from flowprobe.agent.config import ExportConfig
 from flowprobe.agent.export import semconv as sc
 from flowprobe.agent.export.metrics import Metrics
 from flowprobe.agent.export.naming import RouteTable
 from flowprobe.agent.export.selfmetrics import ExportCounters, Sample, SelfMetrics
-from flowprobe.agent.export.spans import Linker, Node, NodeFactory, SpanBuilder
-from flowprobe.agent.export.workloads import AddressResolver, WorkloadResolver
+from flowprobe.agent.export.spans import (
+    Linker,
+    Node,
+    NodeFactory,
+    SpanBuilder,
+    TraceRequestEncoder,
+)
+from flowprobe.agent.export.transport import SpanSink
+from flowprobe.agent.export.workloads import AddressResolver, Workload, WorkloadResolver
 from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.agent.sessionize.stats import Stats
 
@@ -56,7 +64,7 @@ class Telemetry:
         self,
         config: ExportConfig,
         stats: Stats,
-        span_exporter: SpanExporter | None,
+        span_exporter: SpanSink | None,
         metric_exporter: MetricExporter | None,
         resolver: WorkloadResolver | None = None,
         salt: bytes | None = None,
@@ -70,10 +78,10 @@ class Telemetry:
         self.resolver: WorkloadResolver = resolver or AddressResolver(config.service_names)
         self.counters = ExportCounters()
         self.builder = SpanBuilder(RouteTable(config.routes))
+        self.requests = TraceRequestEncoder()
         self.factory = NodeFactory(salt if salt is not None else os.urandom(16))
         self.linker = Linker(
             self._final,
-            self.factory.trace_id,
             window_us=int(config.link_window_seconds * 1_000_000),
             max_held=config.max_held_exchanges,
         )
@@ -85,14 +93,13 @@ class Telemetry:
         )
         self.self_metrics = SelfMetrics(stats, self.counters, self._gauges)
         self.metrics = Metrics(
-            self.builder.resource,
             self.agent_resource,
             max_workloads=config.max_workloads,
             preferred_temporality=temporality,
             self_samples=self.self_metrics.samples if config.self_metrics_otlp else None,
         )
         self._inbound: deque[Exchange] = deque()
-        self._spans: deque[ReadableSpan] = deque()
+        self._spans: deque[tuple[Workload, bytes]] = deque()
         self._closing = threading.Event()
         self._processed = threading.Event()
         self._abort = threading.Event()
@@ -205,7 +212,7 @@ class Telemetry:
         if room < len(spans):
             self.counters.spans_dropped["queue_full"] += len(spans) - max(room, 0)
             spans = spans[: max(room, 0)]
-        self._spans.extend(spans)
+        self._spans.extend((span.workload, span.encoded) for span in spans)
 
     # -- span thread ------------------------------------------------------
 
@@ -226,15 +233,15 @@ class Telemetry:
             wait = _IDLE_POLL_S if not spans else min(_IDLE_POLL_S, max(0.005, next_flush - now))
             self._processed.wait(wait)
 
-    def _export_spans(self, batch: list[ReadableSpan]) -> None:
+    def _export_spans(self, batch: list[tuple[Workload, bytes]]) -> None:
         assert self.span_exporter is not None
         try:
-            result = self.span_exporter.export(batch)
+            ok = self.span_exporter.export(self.requests.encode(batch))
         except Exception as exc:
             log.debug("span export raised %r", exc)
-            result = SpanExportResult.FAILURE
+            ok = False
         c = self.counters
-        if result is SpanExportResult.SUCCESS:
+        if ok:
             c.spans_exported += len(batch)
             if self._failing_since_dropped is not None:
                 dropped = sum(c.spans_dropped.values()) - self._failing_since_dropped
