@@ -48,7 +48,7 @@ class ExportConfig(_Model):
     otlp: OtlpConfig = OtlpConfig()
     traces: bool = True
     metrics: bool = True
-    # Print spans (OTel's console exporter, JSON) instead of sending them.
+    # Print spans (one OTLP/JSON span per line) instead of sending them.
     console_spans: bool = False
     # service.name per workload outside Kubernetes: "address:port" (a server)
     # or "address" (either role) -> name. Unlisted ones are named after the

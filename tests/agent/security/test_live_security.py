@@ -191,7 +191,9 @@ def test_attacks_set_off_their_crs_family_and_benign_traffic_nothing(
     assert "flowprobe.payload." not in text
     # The spans carry the same findings as events.
     span_events = [
-        e["name"] for line in spans.read_text().splitlines() for e in json.loads(line)["events"]
+        e["name"]
+        for line in spans.read_text().splitlines()
+        for e in json.loads(line)["span"].get("events", [])
     ]
     assert span_events.count("flowprobe.waf.match") >= len(ATTACKS)
 
@@ -327,15 +329,14 @@ def test_sensitive_records_detected_on_their_edges_masked_and_linked(
     assert "************1111" in text
 
     # Lineage: each POST and the INSERT it caused are one trace.
-    span_list = [json.loads(line) for line in spans.read_text().splitlines()]
+    # --console-spans prints OTLP/JSON: kind 2 is SERVER, ids in hex.
+    span_list = [json.loads(line)["span"] for line in spans.read_text().splitlines()]
     server_posts = [
-        s for s in span_list if s["kind"] == "SpanKind.SERVER" and s["name"] == "POST /customers"
+        s for s in span_list if s["kind"] == "SPAN_KIND_SERVER" and s["name"] == "POST /customers"
     ]
     insert_spans = [s for s in span_list if s["name"].startswith("INSERT")]
     customers_inserts = [s for s in insert_spans if "customers" in s["name"]]
     assert len(server_posts) == 2 and len(customers_inserts) == 2
-    assert {s["context"]["trace_id"] for s in server_posts} == {
-        s["context"]["trace_id"] for s in customers_inserts
-    }
-    post_ids = {s["context"]["span_id"] for s in server_posts}
-    assert {s["parent_id"] for s in customers_inserts} <= post_ids
+    assert {s["traceId"] for s in server_posts} == {s["traceId"] for s in customers_inserts}
+    post_ids = {s["spanId"] for s in server_posts}
+    assert {s["parentSpanId"] for s in customers_inserts} <= post_ids
