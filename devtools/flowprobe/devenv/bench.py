@@ -359,7 +359,10 @@ def main() -> None:
     print(
         f"ratio agent / raw tshark:          {raw / agent:7.1%}   (exchanges reported: {seen} of {total})"
     )
-    print(f"peak RSS: agent Python {rss_self} MB, largest tshark {rss_child} MB")
+    # Children are tshark and tcpdump, and with export also the backends
+    # (Jaeger keeps every span in memory), so the label says which applies.
+    largest = "largest child (tshark, or a backend)" if exports else "largest tshark"
+    print(f"peak RSS: agent Python {rss_self} MB, {largest} {rss_child} MB")
     if sample:
         costs = [export_cost(sample) for _ in range(args.runs)]
         cost = statistics.median(c.us_per_exchange for c in costs)
