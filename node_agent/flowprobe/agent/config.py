@@ -129,6 +129,10 @@ class AgentConfig(_Model):
     ports: dict[str, tuple[int, ...]] = Field(default_factory=dict)
     payload: PayloadConfig = PayloadConfig()
     response_timeout_seconds: int = Field(default=30, ge=1, le=3600)
+    # tshark keeps per-conversation state for every packet it has seen;
+    # resetting its session every N packets (-M) frees most of it (about
+    # 0.6 KB per packet) at the cost of a few exchanges that straddle a reset.
+    # What a reset does not free, replacing tshark does (capture.rotate).
     session_reset_packets: int = Field(default=50_000, ge=10_000)
     export: ExportConfig = ExportConfig()
     security: SecurityConfig = SecurityConfig()

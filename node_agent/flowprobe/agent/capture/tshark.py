@@ -20,7 +20,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyshark.tshark import tshark as pyshark_tshark
@@ -31,10 +31,6 @@ from flowprobe.agent.capture.columns import ColumnLayout
 # common payloads (JSON bodies alone cost about 25%, see docs/capture.md).
 DISABLED_PROTOCOLS = ("json", "xml", "media", "png", "image-jfif", "image-gif", "data-text-lines")
 
-# tshark keeps per-conversation state for every packet it has seen; resetting
-# the session every N packets bounds its memory (about 0.6 KB per packet) at
-# the cost of a few exchanges that straddle a reset.
-DEFAULT_SESSION_RESET_PACKETS = 50_000
 CAPTURE_BUFFER_MB = 32
 
 
@@ -76,12 +72,10 @@ class Tools:
 @dataclass
 class TsharkOptions:
     layout: ColumnLayout
+    # tshark's -M (AgentConfig.session_reset_packets says why).
+    session_reset_packets: int
     # tshark "decode as" rules, e.g. ("tcp.port==6380", "resp").
     decode_as: Sequence[tuple[str, str]] = ()
-    session_reset_packets: int = DEFAULT_SESSION_RESET_PACKETS
-    disabled_protocols: Sequence[str] = DISABLED_PROTOCOLS
-    display_filter: str = "tcp or udp"
-    extra_args: Sequence[str] = field(default_factory=tuple)
 
     def tshark_args(self, tools: Tools, source: str) -> list[str]:
         args = [
@@ -107,16 +101,15 @@ class TsharkOptions:
             "-o",
             "tcp.calculate_timestamps:FALSE",
             "-Y",
-            self.display_filter,
+            "tcp or udp",
         ]
-        for proto in self.disabled_protocols:
+        for proto in DISABLED_PROTOCOLS:
             args += ["--disable-protocol", proto]
         for selector, proto in self.decode_as:
             args += ["-d", f"{selector},{proto}"]
         if source == "-":
             # Live: hand each row over at once instead of when a buffer fills.
             args.append("-l")
-        args += list(self.extra_args)
         return args
 
 
