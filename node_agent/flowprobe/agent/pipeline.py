@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.capture.tshark import ShardedRows, TsharkOptions
+from flowprobe.agent.capture.tshark import ShardedRows, TsharkOptions, split_row
 from flowprobe.agent.config import AgentConfig
 from flowprobe.agent.parse.base import Parser
 from flowprobe.agent.parse.registry import build_parsers
@@ -92,7 +92,7 @@ class Pipeline:
         for shard, lines in rows.batches():
             process = processes[shard]
             for raw in lines:
-                process(raw.decode("utf-8", "replace").rstrip("\n").split("\t"))
+                process(split_row(raw))
 
     def finish(self) -> None:
         for sessionizer in self.sessionizers:

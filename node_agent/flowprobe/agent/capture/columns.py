@@ -97,14 +97,19 @@ class ColumnLayout:
 
     @cached_property
     def _column_of(self) -> dict[str, int]:
-        return {f: i for i, column in enumerate(self.fields) for f in column.split(" or ")}
+        """Each column's expression and each field in it -> the column."""
+        out: dict[str, int] = {}
+        for i, column in enumerate(self.fields):
+            out[column] = i
+            for f in column.split(" or "):
+                out[f] = i
+        return out
 
     def index(self, field: str) -> int:
-        i = self._column_of.get(field)
-        if i is None:
-            # Core columns are looked up by their whole expression.
-            return self.fields.index(field)
-        return i
+        try:
+            return self._column_of[field]
+        except KeyError:
+            raise ValueError(f"{field!r} is in no column") from None
 
     def indices(self, fields: Sequence[str]) -> tuple[int, ...]:
         return tuple(self.index(f) for f in fields)

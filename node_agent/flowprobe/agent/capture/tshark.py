@@ -154,6 +154,11 @@ class _StderrTail:
         return "\n".join(self.lines)
 
 
+def split_row(raw: bytes) -> list[str]:
+    """One line of tshark's ``-T tabs`` output as its columns."""
+    return raw.decode("utf-8", "replace").rstrip("\n").split("\t")
+
+
 class TsharkRows:
     """Iterate tshark's rows; after iteration, ``error`` holds a one-line reason or None."""
 
@@ -174,7 +179,7 @@ class TsharkRows:
     def __iter__(self) -> Iterator[list[str]]:
         assert self.proc.stdout is not None
         for raw in self.proc.stdout:
-            yield raw.decode("utf-8", "replace").rstrip("\n").split("\t")
+            yield split_row(raw)
         self.finish()
 
     def finish(self) -> None:
@@ -416,15 +421,15 @@ class LiveCapture:
         return None
 
     def stop(self) -> None:
-        for proc in (self.dumpcap,):
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGINT)
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+        proc = self.dumpcap
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if self._rows is None:
             return
         # tshark ends by itself once dumpcap's pipe closes; give it time to
