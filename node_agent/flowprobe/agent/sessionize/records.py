@@ -30,6 +30,13 @@ class Endpoints:
     server_address: str
     server_port: int
 
+    def write(self, out: dict[str, Any]) -> None:
+        out["network.transport"] = self.transport
+        out["client.address"] = self.client_address
+        out["client.port"] = self.client_port
+        out["server.address"] = self.server_address
+        out["server.port"] = self.server_port
+
 
 @dataclass(slots=True)
 class TcpFigures:
@@ -48,6 +55,35 @@ class TcpFigures:
     rtt_samples: int = 0
     rtt_sum_us: int = 0
     rtt_max_us: int = 0
+
+    def write(
+        self,
+        out: dict[str, Any],
+        tcp: bool,
+        handshake_server_us: int | None,
+        handshake_client_us: int | None,
+    ) -> None:
+        """The record fields of these figures (and of the handshake, when seen)."""
+        if handshake_server_us is not None:
+            out["flowprobe.tcp.handshake.server_us"] = handshake_server_us
+        if handshake_client_us is not None:
+            out["flowprobe.tcp.handshake.client_us"] = handshake_client_us
+        out["flowprobe.request.packets"] = self.client_packets
+        out["flowprobe.response.packets"] = self.server_packets
+        out["flowprobe.request.bytes"] = self.client_bytes
+        out["flowprobe.response.bytes"] = self.server_bytes
+        if not tcp:
+            return
+        out["flowprobe.tcp.retransmits"] = self.retransmits
+        out["flowprobe.tcp.out_of_order"] = self.out_of_order
+        out["flowprobe.tcp.zero_window"] = self.zero_window
+        out["flowprobe.tcp.syn"] = self.syn
+        out["flowprobe.tcp.fin"] = self.fin
+        out["flowprobe.tcp.rst"] = self.rst
+        if self.rtt_samples:
+            out["flowprobe.tcp.rtt.samples"] = self.rtt_samples
+            out["flowprobe.tcp.rtt.mean_us"] = self.rtt_sum_us // self.rtt_samples
+            out["flowprobe.tcp.rtt.max_us"] = self.rtt_max_us
 
 
 @dataclass(slots=True)
@@ -83,7 +119,6 @@ class Exchange:
 
     def to_dict(self) -> dict[str, Any]:
         ep = self.endpoints
-        f = self.figures
         out: dict[str, Any] = {
             "flowprobe.record": "exchange",
             "flowprobe.protocol": self.protocol,
@@ -91,37 +126,17 @@ class Exchange:
             "end_time_unix_us": self.end_us,
             "flowprobe.duration_us": self.duration_us,
             "flowprobe.outcome": self.outcome.value,
-            "network.transport": ep.transport,
-            "client.address": ep.client_address,
-            "client.port": ep.client_port,
-            "server.address": ep.server_address,
-            "server.port": ep.server_port,
         }
+        ep.write(out)
         out.update(self.attrs)
         if self.error_type is not None:
             out["error.type"] = self.error_type
         srt = self.server_response_time_us
         if srt is not None:
             out["flowprobe.server_response_time_us"] = srt
-        if self.handshake_server_us is not None:
-            out["flowprobe.tcp.handshake.server_us"] = self.handshake_server_us
-        if self.handshake_client_us is not None:
-            out["flowprobe.tcp.handshake.client_us"] = self.handshake_client_us
-        out["flowprobe.request.packets"] = f.client_packets
-        out["flowprobe.response.packets"] = f.server_packets
-        out["flowprobe.request.bytes"] = f.client_bytes
-        out["flowprobe.response.bytes"] = f.server_bytes
-        if ep.transport == "tcp":
-            out["flowprobe.tcp.retransmits"] = f.retransmits
-            out["flowprobe.tcp.out_of_order"] = f.out_of_order
-            out["flowprobe.tcp.zero_window"] = f.zero_window
-            out["flowprobe.tcp.syn"] = f.syn
-            out["flowprobe.tcp.fin"] = f.fin
-            out["flowprobe.tcp.rst"] = f.rst
-            if f.rtt_samples:
-                out["flowprobe.tcp.rtt.samples"] = f.rtt_samples
-                out["flowprobe.tcp.rtt.mean_us"] = f.rtt_sum_us // f.rtt_samples
-                out["flowprobe.tcp.rtt.max_us"] = f.rtt_max_us
+        self.figures.write(
+            out, ep.transport == "tcp", self.handshake_server_us, self.handshake_client_us
+        )
         if self.events:
             out["flowprobe.events"] = [{"time_unix_us": t, "name": n} for t, n in self.events]
         if self.security_events:
@@ -147,42 +162,17 @@ class Connection:
 
     def to_dict(self) -> dict[str, Any]:
         ep = self.endpoints
-        f = self.figures
         out: dict[str, Any] = {
             "flowprobe.record": "connection",
             "start_time_unix_us": self.start_us,
             "end_time_unix_us": self.end_us,
             "flowprobe.duration_us": self.end_us - self.start_us,
-            "network.transport": ep.transport,
-            "client.address": ep.client_address,
-            "client.port": ep.client_port,
-            "server.address": ep.server_address,
-            "server.port": ep.server_port,
-            "flowprobe.protocols": self.protocols,
-            "flowprobe.exchanges": self.exchanges,
-            "flowprobe.connection.close_reason": self.close_reason,
-            "flowprobe.request.packets": f.client_packets,
-            "flowprobe.response.packets": f.server_packets,
-            "flowprobe.request.bytes": f.client_bytes,
-            "flowprobe.response.bytes": f.server_bytes,
         }
-        if ep.transport == "tcp":
-            out.update(
-                {
-                    "flowprobe.tcp.retransmits": f.retransmits,
-                    "flowprobe.tcp.out_of_order": f.out_of_order,
-                    "flowprobe.tcp.zero_window": f.zero_window,
-                    "flowprobe.tcp.syn": f.syn,
-                    "flowprobe.tcp.fin": f.fin,
-                    "flowprobe.tcp.rst": f.rst,
-                }
-            )
-            if self.handshake_server_us is not None:
-                out["flowprobe.tcp.handshake.server_us"] = self.handshake_server_us
-            if self.handshake_client_us is not None:
-                out["flowprobe.tcp.handshake.client_us"] = self.handshake_client_us
-            if f.rtt_samples:
-                out["flowprobe.tcp.rtt.samples"] = f.rtt_samples
-                out["flowprobe.tcp.rtt.mean_us"] = f.rtt_sum_us // f.rtt_samples
-                out["flowprobe.tcp.rtt.max_us"] = f.rtt_max_us
+        ep.write(out)
+        out["flowprobe.protocols"] = self.protocols
+        out["flowprobe.exchanges"] = self.exchanges
+        out["flowprobe.connection.close_reason"] = self.close_reason
+        self.figures.write(
+            out, ep.transport == "tcp", self.handshake_server_us, self.handshake_client_us
+        )
         return out
