@@ -73,6 +73,7 @@ class Flow:
         "client_side",
         "closed_us",
         "counters",
+        "decoded",
         "events",
         "exchanges",
         "fin_sides",
@@ -83,7 +84,6 @@ class Flow:
         "msg_start",
         "parser",
         "pending",
-        "protocols",
         "state",
         "syn_us",
         "synack_us",
@@ -106,7 +106,8 @@ class Flow:
         self.pending: dict[Any, deque[Pending]] = {}
         self.parser: tuple[Parser, int] | None = None
         self.state: dict[str, object] = {}
-        self.protocols: list[str] = []
+        # Whether the parser found a message on it (an L4-only flow otherwise).
+        self.decoded = False
         self.exchanges = 0
         self.first_us = ts
         self.last_us = ts
@@ -332,8 +333,7 @@ class Sessionizer:
             return
         if not messages:
             return
-        if parser.name not in flow.protocols:
-            flow.protocols.append(parser.name)
+        flow.decoded = True
         start = flow.msg_start[side] or ts
         snap = flow.msg_snap[side] or flow.counters.copy()
         flow.msg_start[side] = None
@@ -456,7 +456,7 @@ class Sessionizer:
             return
         flow.closed_us = ts
         self._flush_pending(flow, Outcome.RESET if reason == "reset" else Outcome.NO_RESPONSE, ts)
-        if not flow.protocols and (flow.counters[BYTES_A] or flow.counters[BYTES_B]):
+        if not flow.decoded and (flow.counters[BYTES_A] or flow.counters[BYTES_B]):
             proto = self.config.server_ports.get(flow.b_port) or self.config.server_ports.get(
                 flow.a_port
             )
@@ -470,7 +470,7 @@ class Sessionizer:
             start_us=flow.first_us,
             end_us=ts,
             figures=figures(flow.counters, [0] * N_COUNTERS, client_side),
-            protocols=list(flow.protocols),
+            protocols=[flow.parser[0].name] if flow.decoded and flow.parser else [],
             exchanges=flow.exchanges,
             handshake_server_us=server_hs,
             handshake_client_us=client_hs,
