@@ -47,7 +47,3 @@ class L7Message:
     # a command the server never answers): it only marks that its side has
     # finished sending, so the next message's start is taken after it.
     control: bool = False
-
-
-class ParseError(Exception):
-    """A packet's L7 columns do not make sense; counted per protocol, never fatal."""
