@@ -17,8 +17,8 @@ import pytest
 from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.capture.tshark import Tools, read_file
 from flowprobe.agent.config import AgentConfig
+from flowprobe.agent.parse.base import COLUMN_LIMIT
 from flowprobe.agent.parse.http2 import (
-    COLUMN_LIMIT,
     MAX_STREAMS_PER_CONNECTION,
     Http2Parser,
     cut_values,

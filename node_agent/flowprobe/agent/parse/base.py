@@ -41,3 +41,33 @@ class Parser(Protocol):
 def split_occurrences(value: str) -> list[str]:
     """tshark joins repeated fields with commas; an empty column has none."""
     return value.split(",") if value else []
+
+
+def int_occurrences(value: str) -> list[int]:
+    return [int(v) for v in split_occurrences(value)]
+
+
+# tshark 4.0 cuts every custom column at 2047 bytes (COL_MAX_LEN, 2048 with the
+# terminating NUL), silently: a column that long may have lost occurrences,
+# and its last one may be cut short (docs/capture.md).
+COLUMN_LIMIT = 2047
+
+
+def column_cut(value: str, margin: int = 0) -> bool:
+    """Whether tshark may have cut this column: its bytes reach the limit, or
+    come within ``margin`` of it (some columns stop a few bytes early)."""
+    limit = COLUMN_LIMIT - margin
+    # The character count first: fewer than limit/4 cannot make limit bytes.
+    return len(value) >= limit // 4 and len(value.encode()) >= limit
+
+
+def occurrences(value: str, margin: int = 0) -> list[str]:
+    """``split_occurrences``, without the last one if the column was cut.
+
+    At the cut tshark may leave half an occurrence, glued to the one before
+    (``...,75,767`` for 75, 76, 77).
+    """
+    items = split_occurrences(value)
+    if items and column_cut(value, margin):
+        items.pop()
+    return items

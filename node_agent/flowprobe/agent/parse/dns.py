@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.parse.base import split_occurrences
+from flowprobe.agent.parse.base import int_occurrences, split_occurrences
 from flowprobe.agent.parse.messages import AttrValue, L7Message
 
 FIELDS = (
@@ -95,10 +95,6 @@ def rcode_name(value: str) -> str:
     return f"RCODE{value}" if value.isdigit() else value.upper().replace(" ", "_")
 
 
-def _ints(column: str) -> list[int]:
-    return [int(v) for v in split_occurrences(column)]
-
-
 class DnsParser:
     name = "dns"
     tshark_name = "dns"
@@ -140,10 +136,10 @@ class DnsParser:
         retrans = split_occurrences(cols[i_retrans])
         rcodes = split_occurrences(cols[i_rcode])
         qtypes = rr_types(cols[i_qtype])
-        n_q = _ints(cols[i_nq])
-        n_an = _ints(cols[i_nan])
-        n_ns = _ints(cols[i_nns])
-        n_ar = _ints(cols[i_nar])
+        n_q = int_occurrences(cols[i_nq])
+        n_an = int_occurrences(cols[i_nan])
+        n_ns = int_occurrences(cols[i_nns])
+        n_ar = int_occurrences(cols[i_nar])
         # A lone message with a lone question is never split: a name may
         # (escaped) contain a comma.
         single = n == 1 and (not n_q or n_q[0] <= 1)

@@ -50,7 +50,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.parse.base import split_occurrences
+from flowprobe.agent.parse.base import column_cut, occurrences, split_occurrences
 from flowprobe.agent.parse.messages import AttrValue, L7Message
 
 FIELDS = (
@@ -132,9 +132,9 @@ MAX_STREAMS_PER_CONNECTION = 4096
 
 Headers = list[tuple[str, str]]
 
-# tshark cuts every custom column at 2047 bytes (COL_MAX_LEN): one segment with
-# a dozen gRPC requests overflows the header value column.
-COLUMN_LIMIT = 2047
+# One segment with a dozen gRPC requests overflows the header value column
+# (base.COLUMN_LIMIT); these columns stop up to three bytes short of it.
+CUT_MARGIN = 3
 # Short per-header fields that stand in for requests whose headers fell past
 # the cut (the name and value columns hold every header of every block).
 REQUEST_FIELDS = (
@@ -169,19 +169,6 @@ class _Connection:
     blocks: dict[int, _Block] = field(default_factory=dict)
 
 
-def is_cut(text: str) -> bool:
-    """Did tshark cut this column at its length limit?"""
-    return len(text) >= COLUMN_LIMIT - 3 and len(text.encode()) >= COLUMN_LIMIT - 3
-
-
-def occurrences(text: str) -> list[str]:
-    """A column's occurrences, without the last one when tshark cut it short."""
-    items = split_occurrences(text)
-    if items and is_cut(text):
-        items.pop()
-    return items
-
-
 def cut_values(text: str, lengths: Sequence[int]) -> list[str] | None:
     """Header values from their comma-joined column, or None when they cannot be told apart.
 
@@ -190,7 +177,7 @@ def cut_values(text: str, lengths: Sequence[int]) -> list[str] | None:
     n = len(lengths)
     if n == 0:
         return [] if not text else None
-    cut = is_cut(text)
+    cut = column_cut(text, CUT_MARGIN)
     if cut or len(text) == sum(lengths) + n - 1:
         out: list[str] = []
         pos = 0
@@ -302,7 +289,7 @@ class Http2Parser:
         self, cols: Sequence[str], to_server: bool | None, state: dict[str, object]
     ) -> list[L7Message]:
         i_sid, i_type, i_flags, i_len, i_count, i_name, i_value, i_vlen, i_tsu, i_rst = self._idx
-        types = [_frame_type(t) for t in occurrences(cols[i_type])]
+        types = [_frame_type(t) for t in occurrences(cols[i_type], CUT_MARGIN)]
         kinds = set(types)
         if kinds.isdisjoint(_STREAM_FRAMES):
             # SETTINGS, PING, WINDOW_UPDATE, GOAWAY only: not part of any
@@ -312,12 +299,12 @@ class Http2Parser:
             if types and not (isinstance(conn, _Connection) and conn.blocks):
                 return [L7Message("http2", to_server is not False, control=True)]
             return []
-        sids = [int(s) for s in occurrences(cols[i_sid])]
-        flags = [int(f, 0) for f in occurrences(cols[i_flags])]
+        sids = [int(s) for s in occurrences(cols[i_sid], CUT_MARGIN)]
+        flags = [int(f, 0) for f in occurrences(cols[i_flags], CUT_MARGIN)]
         n_frames = min(len(sids), len(types), len(flags))
         frames_cut = n_frames != max(len(sids), len(types), len(flags))
         if frames_cut:
-            if not any(is_cut(cols[i]) for i in (i_sid, i_type, i_flags)):
+            if not any(column_cut(cols[i], CUT_MARGIN) for i in (i_sid, i_type, i_flags)):
                 raise ValueError(
                     f"http2 frame fields do not align: {cols[i_sid]!r} {cols[i_type]!r}"
                 )
@@ -325,21 +312,25 @@ class Http2Parser:
             del sids[n_frames:], types[n_frames:], flags[n_frames:]
         lengths: list[int] = []
         if DATA in kinds:
-            lengths = [int(n) for n in occurrences(cols[i_len])]
+            lengths = [int(n) for n in occurrences(cols[i_len], CUT_MARGIN)]
         lengths += [0] * (n_frames - len(lengths))
         by_frame: dict[int, Headers | None] = {}
         if not kinds.isdisjoint(_HEADER_BLOCK):
-            names = occurrences(cols[i_name])
-            values = cut_values(cols[i_value], [int(n) for n in occurrences(cols[i_vlen])])
-            complete = not any(is_cut(cols[i]) for i in (i_name, i_value, i_vlen))
+            names = occurrences(cols[i_name], CUT_MARGIN)
+            values = cut_values(
+                cols[i_value], [int(n) for n in occurrences(cols[i_vlen], CUT_MARGIN)]
+            )
+            complete = not any(column_cut(cols[i], CUT_MARGIN) for i in (i_name, i_value, i_vlen))
             headers: Headers | None = None
             if values is not None and (not complete or len(values) == len(names)):
                 headers = list(zip(names, values, strict=False))
             col = cols[i_count]
-            counts = None if is_cut(col) else [int(n) for n in split_occurrences(col)]
+            counts = (
+                None if column_cut(col, CUT_MARGIN) else [int(n) for n in split_occurrences(col)]
+            )
             updates = len(split_occurrences(cols[i_tsu]))
             by_frame = frame_headers(types, flags, counts, headers, updates, complete)
-        rst_errors = occurrences(cols[i_rst]) if RST_STREAM in kinds else []
+        rst_errors = occurrences(cols[i_rst], CUT_MARGIN) if RST_STREAM in kinds else []
 
         conn = state.get("http2")
         if not isinstance(conn, _Connection):
@@ -420,10 +411,10 @@ class Http2Parser:
         filled: list[Headers] = [[] for _ in missing]
         for col, (_, name) in zip(self._req_idx, self.request_fields, strict=True):
             column = cols[col]
-            vals = occurrences(column)[known.count(name) :]
+            vals = occurrences(column, CUT_MARGIN)[known.count(name) :]
             if (
                 len(vals) == len(missing)
-                or (is_cut(column) and len(vals) < len(missing))
+                or (column_cut(column, CUT_MARGIN) and len(vals) < len(missing))
                 or (frames_cut and len(vals) > len(missing))
             ):
                 found = vals

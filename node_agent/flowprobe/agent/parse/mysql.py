@@ -33,15 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.parse.base import split_occurrences
+from flowprobe.agent.parse.base import column_cut, occurrences, split_occurrences
 from flowprobe.agent.parse.messages import AttrValue, L7Message
-from flowprobe.agent.parse.postgres import (
-    column_cut,
-    exactly,
-    occurrences,
-    split_texts,
-    statement_attrs,
-)
+from flowprobe.agent.parse.postgres import exactly, split_texts, statement_attrs
 
 FIELDS = (
     "mysql.command",

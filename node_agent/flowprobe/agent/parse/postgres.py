@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.parse.base import split_occurrences
+from flowprobe.agent.parse.base import column_cut, occurrences, split_occurrences
 from flowprobe.agent.parse.messages import (
     PAYLOAD_QUERY,
     PAYLOAD_QUERY_VALUES,
@@ -60,9 +60,6 @@ NAME = "postgresql"
 VALUES_FIELD = "pgsql.val.data"
 # Characters of values kept per request or response, whatever its size.
 MAX_VALUES_CHARS = 8192
-
-# tshark's COL_MAX_LEN is 2048 bytes with the terminating NUL.
-COLUMN_LIMIT = 2047
 
 # Per-connection memory is bounded whatever the client does.
 MAX_STATEMENTS = 256
@@ -130,23 +127,6 @@ ROW_TAGS = frozenset({"SELECT", "FETCH"})
 STARTUP, READY = 0, 1
 # The connect exchange starts with these, so they are not mere control.
 NEGOTIATION = frozenset({"SSL request", "GSS encrypt request"})
-
-
-def column_cut(value: str) -> bool:
-    """Whether tshark may have cut this column at its length limit."""
-    return len(value) >= COLUMN_LIMIT // 4 and len(value.encode()) >= COLUMN_LIMIT
-
-
-def occurrences(value: str) -> list[str]:
-    """``split_occurrences``, without the last one if the column was cut.
-
-    At the cut tshark may leave half an occurrence, glued to the one before
-    (``...,75,767`` for 75, 76, 77).
-    """
-    items = split_occurrences(value)
-    if items and column_cut(value):
-        items.pop()
-    return items
 
 
 # --- query text as tshark shows it ------------------------------------------

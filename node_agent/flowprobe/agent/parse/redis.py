@@ -52,7 +52,7 @@ from collections import deque
 from collections.abc import Sequence
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.parse.base import split_occurrences
+from flowprobe.agent.parse.base import column_cut, int_occurrences, split_occurrences
 from flowprobe.agent.parse.messages import PAYLOAD_QUERY, AttrValue, L7Message
 
 FIELDS = (
@@ -66,9 +66,6 @@ FIELDS = (
     "resp.reassembled_in_next_frame",
 )
 
-# tshark 4.0's COL_MAX_LEN is 2048 bytes with the terminating NUL; a column
-# that long may have lost occurrences (and the last one may be cut short).
-COLUMN_MAX = 2047
 # Outstanding commands remembered per connection, the sessionizer's own
 # per-flow limit: beyond it both drop the oldest, so they stay in step.
 MAX_OUTSTANDING = 1024
@@ -123,15 +120,6 @@ _STATUS_SPLIT = re.compile(r",(?! )")
 # comma inside a message ("unknown command 'x', with args...") is not
 # followed by one.
 _ERROR_SPLIT = re.compile(r",(?=[A-Z][A-Z0-9_-]*(?: |,|$))")
-
-
-def _ints(column: str) -> list[int]:
-    return [int(v) for v in split_occurrences(column)]
-
-
-def _maybe_cut(column: str, margin: int) -> bool:
-    """Could tshark's column cap have dropped occurrences of this column?"""
-    return len(column) >= (COLUMN_MAX - margin) // 4 and len(column.encode()) >= COLUMN_MAX - margin
 
 
 def decode_value(occurrence: str) -> tuple[bytes, bool] | None:
@@ -217,15 +205,17 @@ class RedisParser:
 
     def _commands(self, cols: Sequence[str], conn: Outstanding) -> list[L7Message]:
         i_arr, i_blen, i_bval, *_rest, i_partial = self._idx
-        arrays = [a for a in _ints(cols[i_arr]) if a > 0]  # *0 and *-1 are ignored by Redis
+        arrays = [
+            a for a in int_occurrences(cols[i_arr]) if a > 0
+        ]  # *0 and *-1 are ignored by Redis
         if not arrays:
             return []
         lens_col, vals_col = cols[i_blen], cols[i_bval]
-        lens = _ints(lens_col)
+        lens = int_occurrences(lens_col)
         values = split_occurrences(vals_col)
-        if _maybe_cut(vals_col, 80) and values:
+        if column_cut(vals_col, 80) and values:
             values.pop()  # possibly cut mid-value
-        if _maybe_cut(lens_col, 24):
+        if column_cut(lens_col, 24):
             # Bulk lengths are incomplete: take every array as complete but
             # the one tshark flagged as continued in a later packet.
             spans: list[tuple[int, int]] = []
@@ -313,7 +303,7 @@ class RedisParser:
             cols[i_err],
             cols[i_int],
         )
-        arrays = _ints(arr_col)
+        arrays = int_occurrences(arr_col)
         n_bulk = len(split_occurrences(blen_col))
         n_int = len(split_occurrences(int_col))
         statuses = _STATUS_SPLIT.split(str_col) if str_col else []
@@ -321,11 +311,11 @@ class RedisParser:
         partial = bool(cols[i_partial])
         unknown_types = bool(cols[i_frag])
         cut = (
-            _maybe_cut(arr_col, 24)
-            or _maybe_cut(blen_col, 24)
-            or _maybe_cut(int_col, 24)
-            or _maybe_cut(str_col, 80)
-            or _maybe_cut(err_col, 80)
+            column_cut(arr_col, 24)
+            or column_cut(blen_col, 24)
+            or column_cut(int_col, 24)
+            or column_cut(str_col, 80)
+            or column_cut(err_col, 80)
         )
         elements = len(arrays) + n_bulk + n_int + len(statuses) + len(errors)
         raw = elements - sum(a for a in arrays if a > 0)
