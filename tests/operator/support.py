@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from flowprobe.api import constants
 from flowprobe.controller.config import OperatorConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -24,11 +25,27 @@ NOW = datetime.datetime(2026, 1, 1, 0, 30, tzinfo=datetime.UTC)
 UPDATE_GOLDENS = os.environ.get("FLOWPROBE_UPDATE_GOLDENS") == "1"
 
 
+def policy_manifest(
+    name: str, spec: dict[str, Any], labels: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A ProbePolicy as a client writes it (``kubectl apply``)."""
+    metadata: dict[str, Any] = {"name": name}
+    if labels:
+        metadata["labels"] = labels
+    return {
+        "apiVersion": constants.API_VERSION,
+        "kind": constants.KIND,
+        "metadata": metadata,
+        "spec": copy.deepcopy(spec),
+    }
+
+
 def policy_body(
     name: str = "web", spec: dict[str, Any] | None = None, **meta: Any
 ) -> dict[str, Any]:
     """A ProbePolicy as the API server returns it (defaults are the models' own)."""
-    metadata = {
+    body = policy_manifest(name, spec if spec is not None else {"namespaceSelector": {}})
+    body["metadata"] = {
         "name": name,
         "uid": f"uid-{name}",
         "generation": 1,
@@ -36,12 +53,7 @@ def policy_body(
         "creationTimestamp": CREATED,
         **meta,
     }
-    return {
-        "apiVersion": "flowprobe.io/v1alpha1",
-        "kind": "ProbePolicy",
-        "metadata": metadata,
-        "spec": copy.deepcopy(spec) if spec is not None else {"namespaceSelector": {}},
-    }
+    return body
 
 
 def check_golden(path: Path, text: str) -> None:

@@ -29,7 +29,7 @@ from tests.operator.clusterkit import (
     wait_until,
 )
 from tests.operator.conftest import get_json
-from tests.operator.support import REPO
+from tests.operator.support import REPO, policy_manifest
 
 pytestmark = pytest.mark.cluster
 
@@ -193,12 +193,7 @@ def test_operator_works_with_exactly_the_chart_rbac(release: Release, tmp_path: 
     policy = f"{release.id}-rbac"
 
     def apply(spec: dict[str, object], name: str = policy) -> None:
-        obj = {
-            "apiVersion": constants.API_VERSION,
-            "kind": constants.KIND,
-            "metadata": {"name": name, "labels": {"flowprobe-test": release.id}},
-            "spec": spec,
-        }
+        obj = policy_manifest(name, spec, {"flowprobe-test": release.id})
         cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
 
     def ready(name: str) -> bool:

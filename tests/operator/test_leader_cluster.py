@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from flowprobe.api import constants
 from flowprobe.devenv.cluster import LocalCluster
 from tests.operator.clusterkit import ApiProxy, OperatorProcess, wait_until
 from tests.operator.conftest import get_json
+from tests.operator.support import policy_manifest
 
 pytestmark = pytest.mark.cluster
 
@@ -79,19 +79,13 @@ def replicas(
 
 
 def _policy(env_id: str, sampling: int) -> str:
-    return json.dumps(
-        {
-            "apiVersion": constants.API_VERSION,
-            "kind": constants.KIND,
-            "metadata": {"name": f"{env_id}-le", "labels": {"flowprobe-test": env_id}},
-            "spec": {
-                "namespaceSelector": {},
-                "samplingPercent": sampling,
-                "export": {"otlp": {"endpoint": "http://collector:4317"}},
-                "agent": {"nodeSelector": {"flowprobe-test": env_id}},
-            },
-        }
-    )
+    spec = {
+        "namespaceSelector": {},
+        "samplingPercent": sampling,
+        "export": {"otlp": {"endpoint": "http://collector:4317"}},
+        "agent": {"nodeSelector": {"flowprobe-test": env_id}},
+    }
+    return json.dumps(policy_manifest(f"{env_id}-le", spec, {"flowprobe-test": env_id}))
 
 
 def test_one_leader_standby_takes_over(

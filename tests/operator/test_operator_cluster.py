@@ -23,6 +23,7 @@ from flowprobe.api.agentreport import report_lease_name
 from flowprobe.devenv.cluster import LocalCluster
 from tests.operator.clusterkit import ApiProxy, OperatorProcess, wait_until
 from tests.operator.conftest import get_json
+from tests.operator.support import policy_manifest
 
 pytestmark = pytest.mark.cluster
 
@@ -55,12 +56,7 @@ class Env:
 
     def apply(self, name: str, spec: dict[str, Any]) -> str:
         full = f"{self.id}-{name}"
-        obj = {
-            "apiVersion": constants.API_VERSION,
-            "kind": constants.KIND,
-            "metadata": {"name": full, "labels": {"flowprobe-test": self.id}},
-            "spec": spec,
-        }
+        obj = policy_manifest(full, spec, {"flowprobe-test": self.id})
         self.kubectl("apply", "-f", "-", input=json.dumps(obj))
         return full
 
@@ -397,6 +393,12 @@ def _lease(env: Env, node: str, notes: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _apply_leases(env: Env, leases: list[dict[str, Any]]) -> None:
+    env.kubectl(
+        "apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": leases})
+    )
+
+
 def test_agent_reports_become_node_notes(env: Env) -> None:
     name = env.apply("reports", env.spec())
     first, second = sorted(env.nodes)
@@ -410,23 +412,13 @@ def test_agent_reports_become_node_notes(env: Env) -> None:
                 [{"type": "TLSNotVisible", "message": "port 443 is TLS", "policy": name}],
             ),
         ]
-        env.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": leases}),
-        )
+        _apply_leases(env, leases)
         env.wait_condition(name, "Degraded", "True", "CaptureInterfaceMissing")
         notes = {(n["node"], n["type"]) for n in env.policy(name)["status"]["nodeNotes"]}
         assert notes == {(first, "CaptureInterfaceMissing"), (second, "TLSNotVisible")}
 
         quiet = [_lease(env, first, []), _lease(env, second, [])]
-        env.kubectl(
-            "apply",
-            "-f",
-            "-",
-            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": quiet}),
-        )
+        _apply_leases(env, quiet)
         env.wait_condition(name, "Degraded", "False", "AsExpected")
         assert ("Normal", "AsExpected") in env.events(name)
     finally:

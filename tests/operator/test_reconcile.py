@@ -91,9 +91,7 @@ class FakeKube(Kube):
         return out
 
     async def apply(self, obj: Any) -> dict[str, Any]:
-        res = {"DaemonSet": kube.DAEMONSETS, "ConfigMap": kube.CONFIGMAPS}.get(
-            obj["kind"], kube.SERVICEACCOUNTS
-        )
+        res = kube.resource_of(obj)
         self._check("apply", res.plural)
         old = self.objects.get(
             self._key(res, obj["metadata"]["namespace"], obj["metadata"]["name"])

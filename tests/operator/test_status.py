@@ -33,6 +33,24 @@ def _reports(*nodes: str, notes: list[AgentNote] | None = None) -> dict[str, Age
     return {n: AgentReport(node=n, notes=notes or []) for n in nodes}
 
 
+def _rolled_out(checksum: str, *nodes: str, **fields: Any) -> Observation:
+    """The DaemonSet rolled out: a ready agent on the current set per node, each reporting.
+
+    ``fields`` override or add Observation fields.
+    """
+    return Observation(
+        **{
+            "now": NOW,
+            "checksum": checksum,
+            "daemon_set_exists": True,
+            "rollout_complete": True,
+            "agent_pods": _pods(checksum, *nodes),
+            "reports": _reports(*nodes),
+            **fields,
+        }
+    )
+
+
 def _cond(status: ProbePolicyStatus, type_: str) -> tuple[str, str, str]:
     c = find_condition(status.conditions, type_)
     assert c is not None
@@ -41,15 +59,7 @@ def _cond(status: ProbePolicyStatus, type_: str) -> tuple[str, str, str]:
 
 def test_all_agents_current_means_ready() -> None:
     verdict, checksum = _verdict()
-    obs = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
-        rollout_complete=True,
-        agent_pods=_pods(checksum, "n1", "n2"),
-        reports=_reports("n1", "n2"),
-        matched_pods={"web": 7},
-    )
+    obs = _rolled_out(checksum, "n1", "n2", matched_pods={"web": 7})
     st = compute_status(verdict, ProbePolicyStatus(), obs)
     assert _cond(st, "Ready")[:2] == ("True", "AgentsReady")
     assert _cond(st, "Degraded")[:2] == ("False", "AsExpected")
@@ -61,13 +71,12 @@ def test_all_agents_current_means_ready() -> None:
 
 def test_agents_on_an_old_checksum_are_progressing() -> None:
     verdict, checksum = _verdict()
-    obs = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
+    obs = _rolled_out(
+        checksum,
+        "n1",
+        "n2",
         rollout_complete=False,
         agent_pods=_pods(checksum, "n1") + _pods("old", "n2"),
-        reports=_reports("n1", "n2"),
     )
     st = compute_status(verdict, ProbePolicyStatus(), obs)
     status, reason, message = _cond(st, "Ready")
@@ -87,13 +96,10 @@ def test_no_agent_pods_yet_versus_no_nodes_at_all() -> None:
 
 def test_unready_agents_after_the_rollout_are_unavailable() -> None:
     verdict, checksum = _verdict()
-    obs = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
-        rollout_complete=True,
+    obs = _rolled_out(
+        checksum,
+        "n1",
         agent_pods=_pods(checksum, "n1") + _pods(checksum, "n2", ready=False),
-        reports=_reports("n1"),
     )
     assert _cond(compute_status(verdict, ProbePolicyStatus(), obs), "Ready")[:2] == (
         "False",
@@ -137,13 +143,7 @@ def test_time_limit_in_the_future() -> None:
 def test_silent_agents_degrade_after_the_grace_period_only() -> None:
     verdict, checksum = _verdict()
     fresh = AgentPod(name="agent-n2", node="n2", ready=True, checksum=checksum, ready_since=NOW)
-    obs = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
-        rollout_complete=True,
-        agent_pods=[*_pods(checksum, "n1"), fresh],
-    )
+    obs = _rolled_out(checksum, agent_pods=[*_pods(checksum, "n1"), fresh])
     st = compute_status(verdict, ProbePolicyStatus(), obs)
     assert _cond(st, "Ready")[0] == "True"  # not reporting is degraded, not unready
     assert _cond(st, "Degraded")[:2] == ("True", "AgentsNotReporting")
@@ -158,14 +158,7 @@ def test_agent_notes_for_this_policy_or_the_node_are_shown() -> None:
         AgentNote(type=NodeNoteType.TLS_NOT_VISIBLE, message="other", policy="other"),
         AgentNote(type=NodeNoteType.CAPTURE_INTERFACE_MISSING, message="no cni0"),
     ]
-    obs = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
-        rollout_complete=True,
-        agent_pods=_pods(checksum, "n1"),
-        reports=_reports("n1", notes=notes),
-    )
+    obs = _rolled_out(checksum, "n1", reports=_reports("n1", notes=notes))
     st = compute_status(verdict, ProbePolicyStatus(), obs)
     assert [(n.type, n.message) for n in st.node_notes] == [
         (NodeNoteType.CAPTURE_INTERFACE_MISSING, "no cni0"),
@@ -178,15 +171,7 @@ def test_agent_notes_for_this_policy_or_the_node_are_shown() -> None:
 
 def test_failed_apply_degrades_a_running_policy_and_blocks_a_new_one() -> None:
     verdict, checksum = _verdict()
-    running = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
-        rollout_complete=True,
-        agent_pods=_pods(checksum, "n1"),
-        reports=_reports("n1"),
-        reconcile_error="PATCH ... forbidden",
-    )
+    running = _rolled_out(checksum, "n1", reconcile_error="PATCH ... forbidden")
     st = compute_status(verdict, ProbePolicyStatus(), running)
     assert _cond(st, "Degraded")[:2] == ("True", "ReconcileFailed")
     new = Observation(now=NOW, checksum=checksum, reconcile_error="forbidden")
@@ -200,14 +185,12 @@ def test_node_selector_limits_the_counted_agents() -> None:
     verdict, checksum = _verdict(
         {"namespaceSelector": {}, "agent": {"nodeSelector": {"pool": "a"}}}
     )
-    obs = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
-        rollout_complete=True,
-        agent_pods=_pods(checksum, "n1", "n2", "n3"),
+    obs = _rolled_out(
+        checksum,
+        "n1",
+        "n2",
+        "n3",
         node_labels={"n1": {"pool": "a"}, "n2": {"pool": "b"}, "n3": {"pool": "a"}},
-        reports=_reports("n1", "n2", "n3"),
     )
     st = compute_status(verdict, ProbePolicyStatus(), obs)
     assert st.nodes == "2/2"
@@ -215,14 +198,7 @@ def test_node_selector_limits_the_counted_agents() -> None:
 
 def test_recomputing_keeps_transition_times_and_emits_no_events() -> None:
     verdict, checksum = _verdict()
-    obs = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
-        rollout_complete=True,
-        agent_pods=_pods(checksum, "n1"),
-        reports=_reports("n1"),
-    )
+    obs = _rolled_out(checksum, "n1")
     first = compute_status(verdict, ProbePolicyStatus(), obs)
     later = Observation(**{**obs.__dict__, "now": NOW + datetime.timedelta(minutes=10)})
     second = compute_status(verdict, first, later)
@@ -236,14 +212,7 @@ def test_events_on_transitions() -> None:
     first = compute_status(verdict, ProbePolicyStatus(), progressing)
     events = transition_events([], first.conditions)
     assert [(e.type, e.reason) for e in events] == [("Normal", "AgentsProgressing")]
-    ready = Observation(
-        now=NOW,
-        checksum=checksum,
-        daemon_set_exists=True,
-        rollout_complete=True,
-        agent_pods=_pods(checksum, "n1"),
-        reports=_reports("n1"),
-    )
+    ready = _rolled_out(checksum, "n1")
     second = compute_status(verdict, first, ready)
     assert [(e.type, e.reason) for e in transition_events(first.conditions, second.conditions)] == [
         ("Normal", "AgentsReady")

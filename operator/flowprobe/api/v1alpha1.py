@@ -186,7 +186,9 @@ MAX_INSPECTED_BODY_BYTES = 2047
 class LabelSelectorRequirement(_Model):
     key: Annotated[str, Field(min_length=1, max_length=317)]
     operator: LabelSelectorOperator
-    values: Annotated[list[Annotated[str, Field(max_length=63)]], Field(max_length=64)] = []
+    values: Annotated[
+        list[Annotated[str, Field(max_length=63)]], Field(max_length=MAX_SELECTOR_VALUES)
+    ] = []
 
 
 class LabelSelector(_Model):

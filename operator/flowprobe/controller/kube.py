@@ -75,6 +75,11 @@ _BY_KIND = {
 }
 
 
+def resource_of(obj: Mapping[str, Any]) -> Resource:
+    """The resource of an object the operator applies (by apiVersion and kind)."""
+    return _BY_KIND[(obj["apiVersion"], obj["kind"])]
+
+
 class KubeError(Exception):
     """A failed API call; ``status`` 0 means no HTTP response at all."""
 
@@ -217,7 +222,7 @@ class Kube:
 
     async def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply with force: our field manager owns what we render."""
-        res = _BY_KIND[(obj["apiVersion"], obj["kind"])]
+        res = resource_of(obj)
         meta = obj["metadata"]
         result: dict[str, Any] = await self.request(
             "PATCH",

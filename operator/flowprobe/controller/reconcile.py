@@ -293,12 +293,7 @@ class Reconciler:
         for res in (kube.DAEMONSETS, kube.CONFIGMAPS, kube.SERVICEACCOUNTS):
             removed |= await self.kube.delete(res, name, ns)
         self._applied.clear()
-        leases = await self.kube.list(
-            kube.LEASES,
-            ns,
-            label_selector=f"{constants.LABEL_COMPONENT}={constants.COMPONENT_AGENT_REPORT}",
-        )
-        for lease in leases:
+        for lease in await self._report_leases():
             await self.kube.delete(kube.LEASES, lease["metadata"]["name"], ns)
         if removed:
             log.info("no active ProbePolicy left: removed the agent DaemonSet and its objects")

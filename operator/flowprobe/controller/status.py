@@ -133,11 +133,9 @@ def compute_status(
         )
         put(constants.CONDITION_DEGRADED, FALSE, Reason.EXPIRED, "not capturing: expired")
     else:
-        selector = verdict.compiled.node_selector
+        compiled = verdict.compiled
         pods = [
-            p
-            for p in obs.agent_pods
-            if not selector or verdict.compiled.applies_to_node(obs.node_labels.get(p.node, {}))
+            p for p in obs.agent_pods if compiled.applies_to_node(obs.node_labels.get(p.node, {}))
         ]
         desired = len(pods)
         current = [p for p in pods if p.ready and p.checksum == obs.checksum]
