@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from flowprobe.devenv import toolchain
+from flowprobe.devenv.procs import free_ports, stop_process
 
 LOOPBACK = "127.0.0.1"
 
@@ -77,22 +78,8 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Distinct ports that were free a moment ago.
-
-        All sockets stay open until every port is picked, so the kernel cannot
-        hand out the same port twice; another process may still grab one
-        before the backend binds it, which is rare enough for tests.
-        """
-        socks: list[socket.socket] = []
-        try:
-            for _ in fields(cls):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind((LOOPBACK, 0))
-            return cls(*(s.getsockname()[1] for s in socks))
-        finally:
-            for s in socks:
-                s.close()
+        """Distinct ports that were free a moment ago (see :func:`free_ports`)."""
+        return cls(*free_ports(len(fields(cls)), LOOPBACK))
 
     def busy(self) -> list[str]:
         """Names of the ports something else is already listening on."""
@@ -302,13 +289,8 @@ class _Process:
     def stop(self, timeout: float = 15.0) -> None:
         popen, self.popen = self.popen, None
         try:
-            if popen is not None and popen.poll() is None:
-                popen.terminate()
-                try:
-                    popen.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    popen.kill()
-                    popen.wait(5.0)
+            if popen is not None:
+                stop_process(popen, timeout, kill_timeout=5.0)
         finally:
             if self._log is not None:
                 self._log.close()

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -48,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flowprobe.devenv import toolchain
+from flowprobe.devenv.procs import free_ports
 
 HOST = "127.0.0.1"
 # 10.0.0.1 (first address) becomes the `kubernetes` Service ClusterIP, so it
@@ -294,22 +294,6 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, context: str = "flowprob
 # Processes
 
 
-def _free_ports(count: int) -> list[int]:
-    # All sockets stay open until every port is chosen so the ports differ;
-    # the kernel can still hand one to someone else before the component
-    # binds it, which start() handles by retrying with fresh ports.
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _load_libc() -> Any:
     try:
         return ctypes.CDLL(None, use_errno=True)
@@ -544,7 +528,7 @@ class LocalCluster:
             ctx.load_cert_chain(str(self._pki.admin_crt), str(self._pki.admin_key))
             self._ssl = ctx
             for attempt in range(3):
-                self._ports = Ports(*_free_ports(6))
+                self._ports = Ports(*free_ports(6, HOST))
                 write_kubeconfig(self.kubeconfig, self.server, self._pki)
                 self._components = self._make_components(bins)
                 try:

@@ -1,0 +1,37 @@
+"""Process and port helpers shared by the dev harnesses (cluster, backends, benches)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """``count`` distinct TCP ports on ``host`` that were free a moment ago.
+
+    All sockets stay open until every port is picked, so the kernel cannot
+    hand out the same port twice; another process may still grab one before
+    its user binds it (the cluster retries its start with fresh ports).
+    """
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            socks.append(s)
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float, kill_timeout: float = 10.0) -> None:
+    """SIGTERM ``proc`` (if still running), wait ``timeout`` s, then SIGKILL it."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(kill_timeout)
