@@ -47,7 +47,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from flowprobe.devenv import toolchain
-from flowprobe.devenv.procs import free_ports, stop_process
+from flowprobe.devenv.procs import free_ports, sigterm_as_interrupt, stop_process
 
 LOOPBACK = "127.0.0.1"
 
@@ -662,10 +662,6 @@ http://{LOOPBACK}:{p.collector_metrics}/metrics (collector's own)
 """
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flowprobe.devenv.backends",
@@ -699,35 +695,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: ports already in use: {', '.join(busy)} (try --random-ports)", file=sys.stderr
         )
         return 1
-    # `make` and service managers stop us with SIGTERM; take the same
-    # orderly path as Ctrl-C.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    backends = LocalBackends(
-        args.work_dir,
-        ports=ports,
-        scrape_interval=args.scrape_interval,
-        build=not args.no_build,
-        otlp_file=args.otlp_file,
-    )
-    try:
-        with backends:
-            print(_banner(backends), flush=True)
-            try:
-                while True:
-                    backends.check_running()
-                    time.sleep(1.0)
-            except KeyboardInterrupt:
-                # A second Ctrl-C must not abort the teardown half-way.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                print("\nstopping backends ...", flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted during startup; stopped", file=sys.stderr)
-        return 130
-    except (BackendError, toolchain.ToolchainError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    with sigterm_as_interrupt():
+        backends = LocalBackends(
+            args.work_dir,
+            ports=ports,
+            scrape_interval=args.scrape_interval,
+            build=not args.no_build,
+            otlp_file=args.otlp_file,
+        )
+        try:
+            with backends:
+                print(_banner(backends), flush=True)
+                try:
+                    while True:
+                        backends.check_running()
+                        time.sleep(1.0)
+                except KeyboardInterrupt:
+                    # A second Ctrl-C must not abort the teardown half-way.
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    print("\nstopping backends ...", flush=True)
+        except KeyboardInterrupt:
+            print("\ninterrupted during startup; stopped", file=sys.stderr)
+            return 130
+        except (BackendError, toolchain.ToolchainError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from cryptography import x509
@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flowprobe.devenv import toolchain
-from flowprobe.devenv.procs import free_ports
+from flowprobe.devenv.procs import free_ports, sigterm_as_interrupt
 
 HOST = "127.0.0.1"
 # 10.0.0.1 (first address) becomes the `kubernetes` Service ClusterIP, so it
@@ -1049,19 +1049,6 @@ class LocalCluster:
 # Foreground mode (`make cluster`)
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flowprobe.devenv.cluster",
@@ -1076,7 +1063,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cluster = LocalCluster(args.workdir, keep=args.keep, build=not args.no_build)
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             with cluster:
                 nodes = cluster.create_fake_nodes(args.nodes) if args.nodes > 0 else []

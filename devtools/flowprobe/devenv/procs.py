@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
 import subprocess
+from collections.abc import Iterator
+from types import FrameType
 
 
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
@@ -35,3 +39,18 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float, kill_timeout: fl
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(kill_timeout)
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt inside the block (`make` and service
+    managers stop a foreground harness with it; it takes the Ctrl-C path)."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
