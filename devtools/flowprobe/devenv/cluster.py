@@ -414,7 +414,6 @@ class LocalCluster:
         self.build = build
         self.start_timeout = start_timeout
         self.die_with_parent = die_with_parent
-        self.versions = toolchain.read_versions()
         self._workdir: Path | None = None
         self._running = False
         self._lock_fd: int | None = None
@@ -458,10 +457,6 @@ class LocalCluster:
         if self._pki is None:
             raise ClusterError("cluster not started")
         return self._pki
-
-    @property
-    def kube_version(self) -> str:
-        return self.versions["KUBE_VERSION"]
 
     def log_path(self, component: str) -> Path:
         return self.workdir / "logs" / f"{component}.log"
