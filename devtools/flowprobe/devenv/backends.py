@@ -47,7 +47,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from flowprobe.devenv import toolchain
-from flowprobe.devenv.procs import free_ports, sigterm_as_interrupt, stop_process
+from flowprobe.devenv.procs import free_ports, log_tail, sigterm_as_interrupt, stop_process
 
 LOOPBACK = "127.0.0.1"
 
@@ -297,11 +297,7 @@ class _Process:
                 self._log = None
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines) or "(no log)"
 
 
 # --- the harness ------------------------------------------------------------

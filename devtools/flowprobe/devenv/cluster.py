@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flowprobe.devenv import toolchain
-from flowprobe.devenv.procs import free_ports, sigterm_as_interrupt
+from flowprobe.devenv.procs import free_ports, log_tail, sigterm_as_interrupt
 
 HOST = "127.0.0.1"
 # 10.0.0.1 (first address) becomes the `kubernetes` Service ClusterIP, so it
@@ -326,14 +326,7 @@ class Component:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        try:
-            with self.log.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64 * 1024))
-                data = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(data.splitlines()[-lines:])
+        return log_tail(self.log, lines)
 
 
 def _spawn(comp: Component, cwd: Path, die_with_parent: bool) -> None:

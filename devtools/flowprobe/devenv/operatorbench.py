@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from flowprobe.devenv.cluster import HOST, ClusterError, Component, LocalCluster
-from flowprobe.devenv.procs import free_ports, stop_process
+from flowprobe.devenv.procs import free_ports, log_tail, stop_process
 
 REPO = Path(__file__).resolve().parents[3]
 CRDS = REPO / "crds"
@@ -526,8 +526,7 @@ class Operator:
         return runs
 
     def log_tail(self, lines: int = 20) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log, lines)
 
 
 # --------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 
 
@@ -27,6 +29,18 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log (read from its last 64 KiB); "" if unreadable."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            data = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    return "\n".join(data.splitlines()[-lines:])
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float, kill_timeout: float = 10.0) -> None:
