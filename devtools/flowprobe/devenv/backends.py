@@ -83,14 +83,12 @@ class Ports:
 
     def busy(self) -> list[str]:
         """Names of the ports something else is already listening on."""
-        taken = []
-        for f in fields(self):
-            if f.name == "agent_metrics":
-                continue  # meant to be taken by an agent
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                if s.connect_ex((LOOPBACK, getattr(self, f.name))) == 0:
-                    taken.append(f"{f.name}={getattr(self, f.name)}")
-        return taken
+        return [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            # agent_metrics is meant to be taken by an agent.
+            if f.name != "agent_metrics" and _tcp_open(getattr(self, f.name))
+        ]
 
 
 # --- binaries ---------------------------------------------------------------
