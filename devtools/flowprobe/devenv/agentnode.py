@@ -28,6 +28,7 @@ from flowprobe.api import constants
 from flowprobe.devenv.cluster import ClusterError, LocalCluster
 from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.nsproxy import Forwarder
+from flowprobe.devenv.procs import stop_process
 
 _HEALTH_PORT = 9477
 
@@ -161,13 +162,8 @@ class AgentNode:
             )
 
     def stop_agent(self) -> None:
-        if self.agent is not None and self.agent.poll() is None:
-            self.agent.terminate()
-            try:
-                self.agent.wait(30)
-            except Exception:
-                self.agent.kill()
-                self.agent.wait(10)
+        if self.agent is not None:
+            stop_process(self.agent, 30)
 
     def readiness(self) -> tuple[int, dict[str, Any]]:
         """(status, body) of the agent's /readyz; (0, {}) while it does not answer."""

@@ -47,6 +47,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from flowprobe.devenv import toolchain
+from flowprobe.devenv.procs import free_ports, log_tail, sigterm_as_interrupt, stop_process
 
 LOOPBACK = "127.0.0.1"
 
@@ -77,33 +78,17 @@ class Ports:
 
     @classmethod
     def free(cls) -> Ports:
-        """Distinct ports that were free a moment ago.
-
-        All sockets stay open until every port is picked, so the kernel cannot
-        hand out the same port twice; another process may still grab one
-        before the backend binds it, which is rare enough for tests.
-        """
-        socks: list[socket.socket] = []
-        try:
-            for _ in fields(cls):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind((LOOPBACK, 0))
-            return cls(*(s.getsockname()[1] for s in socks))
-        finally:
-            for s in socks:
-                s.close()
+        """Distinct ports that were free a moment ago (see :func:`free_ports`)."""
+        return cls(*free_ports(len(fields(cls)), LOOPBACK))
 
     def busy(self) -> list[str]:
         """Names of the ports something else is already listening on."""
-        taken = []
-        for f in fields(self):
-            if f.name == "agent_metrics":
-                continue  # meant to be taken by an agent
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-                if s.connect_ex((LOOPBACK, getattr(self, f.name))) == 0:
-                    taken.append(f"{f.name}={getattr(self, f.name)}")
-        return taken
+        return [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in fields(self)
+            # agent_metrics is meant to be taken by an agent.
+            if f.name != "agent_metrics" and _tcp_open(getattr(self, f.name))
+        ]
 
 
 # --- binaries ---------------------------------------------------------------
@@ -302,24 +287,15 @@ class _Process:
     def stop(self, timeout: float = 15.0) -> None:
         popen, self.popen = self.popen, None
         try:
-            if popen is not None and popen.poll() is None:
-                popen.terminate()
-                try:
-                    popen.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    popen.kill()
-                    popen.wait(5.0)
+            if popen is not None:
+                stop_process(popen, timeout, kill_timeout=5.0)
         finally:
             if self._log is not None:
                 self._log.close()
                 self._log = None
 
     def log_tail(self, lines: int = 30) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log_path, lines) or "(no log)"
 
 
 # --- the harness ------------------------------------------------------------
@@ -680,10 +656,6 @@ http://{LOOPBACK}:{p.collector_metrics}/metrics (collector's own)
 """
 
 
-def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flowprobe.devenv.backends",
@@ -717,35 +689,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"error: ports already in use: {', '.join(busy)} (try --random-ports)", file=sys.stderr
         )
         return 1
-    # `make` and service managers stop us with SIGTERM; take the same
-    # orderly path as Ctrl-C.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    backends = LocalBackends(
-        args.work_dir,
-        ports=ports,
-        scrape_interval=args.scrape_interval,
-        build=not args.no_build,
-        otlp_file=args.otlp_file,
-    )
-    try:
-        with backends:
-            print(_banner(backends), flush=True)
-            try:
-                while True:
-                    backends.check_running()
-                    time.sleep(1.0)
-            except KeyboardInterrupt:
-                # A second Ctrl-C must not abort the teardown half-way.
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                print("\nstopping backends ...", flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted during startup; stopped", file=sys.stderr)
-        return 130
-    except (BackendError, toolchain.ToolchainError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    with sigterm_as_interrupt():
+        backends = LocalBackends(
+            args.work_dir,
+            ports=ports,
+            scrape_interval=args.scrape_interval,
+            build=not args.no_build,
+            otlp_file=args.otlp_file,
+        )
+        try:
+            with backends:
+                print(_banner(backends), flush=True)
+                try:
+                    while True:
+                        backends.check_running()
+                        time.sleep(1.0)
+                except KeyboardInterrupt:
+                    # A second Ctrl-C must not abort the teardown half-way.
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                    print("\nstopping backends ...", flush=True)
+        except KeyboardInterrupt:
+            print("\ninterrupted during startup; stopped", file=sys.stderr)
+            return 130
+        except (BackendError, toolchain.ToolchainError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -35,10 +34,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 from cryptography import x509
@@ -48,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from flowprobe.devenv import toolchain
+from flowprobe.devenv.procs import free_ports, log_tail, sigterm_as_interrupt
 
 HOST = "127.0.0.1"
 # 10.0.0.1 (first address) becomes the `kubernetes` Service ClusterIP, so it
@@ -294,22 +294,6 @@ def write_kubeconfig(path: Path, server: str, pki: Pki, context: str = "flowprob
 # Processes
 
 
-def _free_ports(count: int) -> list[int]:
-    # All sockets stay open until every port is chosen so the ports differ;
-    # the kernel can still hand one to someone else before the component
-    # binds it, which start() handles by retrying with fresh ports.
-    socks: list[socket.socket] = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _load_libc() -> Any:
     try:
         return ctypes.CDLL(None, use_errno=True)
@@ -342,14 +326,7 @@ class Component:
         return self.proc is not None and self.proc.poll() is None
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        try:
-            with self.log.open("rb") as f:
-                f.seek(0, os.SEEK_END)
-                f.seek(max(0, f.tell() - 64 * 1024))
-                data = f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""
-        return "\n".join(data.splitlines()[-lines:])
+        return log_tail(self.log, lines)
 
 
 def _spawn(comp: Component, cwd: Path, die_with_parent: bool) -> None:
@@ -430,7 +407,6 @@ class LocalCluster:
         self.build = build
         self.start_timeout = start_timeout
         self.die_with_parent = die_with_parent
-        self.versions = toolchain.read_versions()
         self._workdir: Path | None = None
         self._running = False
         self._lock_fd: int | None = None
@@ -474,10 +450,6 @@ class LocalCluster:
         if self._pki is None:
             raise ClusterError("cluster not started")
         return self._pki
-
-    @property
-    def kube_version(self) -> str:
-        return self.versions["KUBE_VERSION"]
 
     def log_path(self, component: str) -> Path:
         return self.workdir / "logs" / f"{component}.log"
@@ -544,7 +516,7 @@ class LocalCluster:
             ctx.load_cert_chain(str(self._pki.admin_crt), str(self._pki.admin_key))
             self._ssl = ctx
             for attempt in range(3):
-                self._ports = Ports(*_free_ports(6))
+                self._ports = Ports(*free_ports(6, HOST))
                 write_kubeconfig(self.kubeconfig, self.server, self._pki)
                 self._components = self._make_components(bins)
                 try:
@@ -1065,19 +1037,6 @@ class LocalCluster:
 # Foreground mode (`make cluster`)
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m flowprobe.devenv.cluster",
@@ -1092,7 +1051,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     cluster = LocalCluster(args.workdir, keep=args.keep, build=not args.no_build)
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             with cluster:
                 nodes = cluster.create_fake_nodes(args.nodes) if args.nodes > 0 else []

@@ -40,6 +40,7 @@ from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.agent.sessionize.records import Endpoints, Exchange, Outcome
 from flowprobe.api.policyset import CompiledPolicy
 from flowprobe.devenv.bench import bench_pcap, run_agent
+from flowprobe.devenv.k8sobjects import endpoint_slice, policy, service
 
 
 def measured_offline_rate() -> float:
@@ -135,61 +136,21 @@ def cluster(
         )
     for s in range(services):
         ns = f"ns-{s % namespaces}"
-        out[SERVICES].append(
-            {
-                "metadata": {"name": f"app-{s}", "namespace": ns, "uid": f"svc-{s}"},
-                "spec": {
-                    "clusterIP": f"10.0.{s // 256}.{s % 256}",
-                    "clusterIPs": [f"10.0.{s // 256}.{s % 256}"],
-                },
-            }
-        )
+        ip = f"10.0.{s // 256}.{s % 256}"
+        out[SERVICES].append(service(f"app-{s}", ip, ns, uid=f"svc-{s}"))
         members = out[PODS][s * per_service : (s + 1) * per_service]
         out[ENDPOINTSLICES].append(
-            {
-                "metadata": {
-                    "name": f"app-{s}-x",
-                    "namespace": ns,
-                    "uid": f"eps-{s}",
-                    "labels": {"kubernetes.io/service-name": f"app-{s}"},
-                },
-                "endpoints": [
-                    {
-                        "addresses": [p["status"]["podIP"]],
-                        "targetRef": {
-                            "kind": "Pod",
-                            "name": p["metadata"]["name"],
-                            "uid": p["metadata"]["uid"],
-                        },
-                    }
-                    for p in members
-                ],
-            }
+            endpoint_slice(f"app-{s}-x", f"app-{s}", members, ns, uid=f"eps-{s}")
         )
     return out
 
 
 def _policy() -> CompiledPolicy:
-    return CompiledPolicy.model_validate(
-        {
-            "name": "bench",
-            "uid": "uid-bench",
-            "generation": 1,
-            "namespaceSelector": {"matchLabels": {"team": "t1"}},
-            "podSelector": {
-                "matchExpressions": [{"key": "version", "operator": "In", "values": ["v1"]}]
-            },
-            "direction": "Both",
-            "protocols": ["HTTP"],
-            "samplingPercent": 100,
-            "payload": {},
-            "redaction": {},
-            "export": {
-                "endpoint": "http://collector:4317",
-                "protocol": "Grpc",
-                "timeoutSeconds": 10,
-            },
-        }
+    return policy(
+        "bench",
+        namespaceSelector={"matchLabels": {"team": "t1"}},
+        podSelector={"matchExpressions": [{"key": "version", "operator": "In", "values": ["v1"]}]},
+        protocols=["HTTP"],
     )
 
 

@@ -10,6 +10,7 @@ total RSS and disk use every 10 s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -18,7 +19,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from flowprobe.devenv.netns import Node, Pod
@@ -88,18 +89,11 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
-def run_rate(
-    node: Node,
-    client: Pod,
-    server: Pod,
-    rate: int,
-    seconds: int,
-    work: Path,
-    agent_args: Sequence[str] = (),
-) -> dict[str, float]:
-    """One rate; ``agent_args`` are extra agent flags (secbench turns the WAF on)."""
-    stats_file = work / f"stats-{rate}.json"
-    agent = node.spawn_agent(
+def spawn_agent(
+    node: Node, stats_file: Path, agent_args: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
+    """The agent capturing what reaches nginx, exchanges to /dev/null, counters to ``stats_file``."""
+    return node.spawn_agent(
         [
             "-i",
             "any",
@@ -112,32 +106,70 @@ def run_rate(
             *agent_args,
         ]
     )
-    pids = tree_pids(agent.pid)
-    cpu0, t0 = cpu_seconds(pids), time.monotonic()
-    conns = 8 if rate >= 800 else 1
-    r = client.run(
-        [
-            "h2load",
-            "--h1",
-            "-c",
-            str(conns),
-            "-t",
-            "1",
-            "--rps",
-            str(rate / conns),
-            "-D",
-            str(seconds),
-            f"http://{server.ip}:8080/",
-        ],
-    )
-    cpu1, t1 = cpu_seconds(tree_pids(agent.pid)), time.monotonic()
+
+
+def stop_agent(agent: subprocess.Popen[bytes]) -> None:
     time.sleep(2.0)  # let the pipeline drain before stopping
     os.killpg(agent.pid, signal.SIGINT)
     agent.wait(timeout=120)
-    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", r.stdout)
-    if not m:
+
+
+def h2load(server: Pod, rate: int, conns: int, seconds: int) -> list[str]:
+    """h2load argv: HTTP/1.1 GETs to nginx at ``rate``/s over ``conns`` connections."""
+    return [
+        "h2load",
+        "--h1",
+        "-c",
+        str(conns),
+        "-t",
+        "1",
+        "--rps",
+        str(rate / conns),
+        "-D",
+        str(seconds),
+        f"http://{server.ip}:8080/",
+    ]
+
+
+def succeeded(h2load_out: str) -> int | None:
+    """The succeeded-requests count of h2load's summary; None if it printed none."""
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", h2load_out)
+    return int(m.group(1)) if m else None
+
+
+@contextlib.contextmanager
+def nginx_pods(subnet: str, prefix: str) -> Iterator[tuple[Node, Pod, Pod, Path]]:
+    """A node with a load pod and an nginx pod serving on 8080: (node, client, server, work dir)."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp, Node(subnet=subnet) as node:
+        work = Path(tmp)
+        client, server = node.add_pod("load"), node.add_pod("nginx")
+        (work / "nginx.conf").write_text(NGINX_CONF.format(work=work, ip=server.ip))
+        server.spawn(["/usr/sbin/nginx", "-c", str(work / "nginx.conf")])
+        server.wait_port(8080)
+        yield node, client, server, work
+
+
+def run_rate(
+    node: Node,
+    client: Pod,
+    server: Pod,
+    rate: int,
+    seconds: int,
+    work: Path,
+    agent_args: Sequence[str] = (),
+) -> dict[str, float]:
+    """One rate; ``agent_args`` are extra agent flags (secbench turns the WAF on)."""
+    stats_file = work / f"stats-{rate}.json"
+    agent = spawn_agent(node, stats_file, agent_args)
+    pids = tree_pids(agent.pid)
+    cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    conns = 8 if rate >= 800 else 1
+    r = client.run(h2load(server, rate, conns, seconds))
+    cpu1, t1 = cpu_seconds(tree_pids(agent.pid)), time.monotonic()
+    stop_agent(agent)
+    sent = succeeded(r.stdout)
+    if sent is None:
         raise SystemExit(f"h2load failed: {r.stdout[-500:]} {r.stderr[-500:]}")
-    sent = int(m.group(1))
     stats = json.loads(stats_file.read_text())
     seen = stats["exchanges"]
     return {
@@ -155,36 +187,9 @@ def run_rate(
 
 def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path) -> None:
     stats_file = work / "soak-stats.json"
-    agent = node.spawn_agent(
-        [
-            "-i",
-            "any",
-            "-f",
-            "inbound and tcp port 8080",
-            "--output",
-            "/dev/null",
-            "--stats",
-            str(stats_file),
-        ]
-    )
+    agent = spawn_agent(node, stats_file)
     load = subprocess.Popen(
-        client.cmd(
-            [
-                "h2load",
-                "--h1",
-                "-c",
-                "8",
-                "-t",
-                "1",
-                "--rps",
-                str(rate / 8),
-                "-D",
-                str(seconds),
-                f"http://{server.ip}:8080/",
-            ]
-        ),
-        stdout=subprocess.PIPE,
-        text=True,
+        client.cmd(h2load(server, rate, 8, seconds)), stdout=subprocess.PIPE, text=True
     )
     tmp = Path(tempfile.gettempdir())
     print(f"{'t s':>5} {'RSS MB':>8} {'/tmp MB':>8}")
@@ -201,13 +206,10 @@ def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Pa
             print(f"{time.monotonic() - start:5.0f} {rss:8.1f} {used:8.1f}", flush=True)
         tick += 1
         time.sleep(1)
-    time.sleep(2.0)  # let the pipeline drain before stopping
-    os.killpg(agent.pid, signal.SIGINT)
-    agent.wait(timeout=120)
+    stop_agent(agent)
     stats = json.loads(stats_file.read_text())
     out = load.stdout.read() if load.stdout else ""
-    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded", out)
-    sent = int(m.group(1)) if m else 0
+    sent = succeeded(out) or 0
     print(
         f"peak RSS (1 s sampling) {peak:.1f} MB; requests {sent}, exchanges {stats['exchanges']}, "
         f"dumpcap dropped {stats['capture_dropped']}, tshark replaced {stats['tshark_rotations']}x"
@@ -226,15 +228,7 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("nginx") and not Path("/usr/sbin/nginx").exists():
         raise SystemExit("nginx missing: apt-get install nginx-light nghttp2-client")
-    with (
-        tempfile.TemporaryDirectory(prefix="flowprobe-live-") as tmp,
-        Node(subnet="10.254.0.0/24") as node,
-    ):
-        work = Path(tmp)
-        client, server = node.add_pod("load"), node.add_pod("nginx")
-        (work / "nginx.conf").write_text(NGINX_CONF.format(work=work, ip=server.ip))
-        server.spawn(["/usr/sbin/nginx", "-c", str(work / "nginx.conf")])
-        server.wait_port(8080)
+    with nginx_pods("10.254.0.0/24", "flowprobe-live-") as (node, client, server, work):
         if args.soak:
             soak(node, client, server, args.soak_rate, args.soak, work)
             return

@@ -205,10 +205,6 @@ class Node:
         self.pods[name] = pod
         return pod
 
-    @property
-    def host_veths(self) -> list[str]:
-        return [p.host_veth for p in self.pods.values()]
-
     def close(self) -> None:
         procs = [*self.processes, *(p for pod in self.pods.values() for p in pod.processes)]
         for proc in procs:

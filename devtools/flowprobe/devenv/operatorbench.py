@@ -59,8 +59,6 @@ import json
 import os
 import pstats
 import shutil
-import signal
-import socket
 import ssl
 import statistics
 import subprocess
@@ -75,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from flowprobe.devenv.cluster import HOST, ClusterError, Component, LocalCluster
+from flowprobe.devenv.procs import free_ports, log_tail, stop_process
 
 REPO = Path(__file__).resolve().parents[3]
 CRDS = REPO / "crds"
@@ -440,12 +439,6 @@ class Run:
     cpu: float
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
 class Operator:
     """``kopf run -m flowprobe.controller`` as the chart runs it, logs in a file."""
 
@@ -458,7 +451,7 @@ class Operator:
         self.config.write_text(
             json.dumps({"namespace": OPERATOR_NS, "defaultExport": {"endpoint": EXPORT}})
         )
-        self.port = _free_port()
+        self.port = free_ports(1, HOST)[0]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -518,14 +511,8 @@ class Operator:
         return bool(rec.get("active")) and rec.get("secondsSinceLastSuccess") is not None
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        if self.proc is not None:
+            stop_process(self.proc, 30)
 
     def runs(self) -> list[Run]:
         """Reconcile runs so far, from the shim's lines in the log."""
@@ -539,8 +526,7 @@ class Operator:
         return runs
 
     def log_tail(self, lines: int = 20) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return log_tail(self.log, lines)
 
 
 # --------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,7 +32,7 @@ from flowprobe.agent.parse.messages import (
 from flowprobe.agent.security.modsec import HttpTransaction, ModSecurity
 from flowprobe.agent.security.stage import SecurityStage
 from flowprobe.agent.sessionize.records import Endpoints, Exchange, Outcome
-from flowprobe.devenv.livebench import NGINX_CONF, run_rate
+from flowprobe.devenv.livebench import nginx_pods, run_rate
 from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.servers import ensure_root
 
@@ -183,15 +182,7 @@ def highest_lossless(
 
 def live(seconds: int, rates_off: Sequence[int], rates_on: Sequence[int]) -> None:
     ensure_root()
-    with (
-        tempfile.TemporaryDirectory(prefix="flowprobe-secbench-") as tmp,
-        Node(subnet="10.254.9.0/24") as node,
-    ):
-        work = Path(tmp)
-        client, server = node.add_pod("load"), node.add_pod("nginx")
-        (work / "nginx.conf").write_text(NGINX_CONF.format(work=work, ip=server.ip))
-        server.spawn(["/usr/sbin/nginx", "-c", str(work / "nginx.conf")])
-        server.wait_port(8080)
+    with nginx_pods("10.254.9.0/24", "flowprobe-secbench-") as (node, client, server, work):
         print(f"highest lossless live rate, {seconds} s per step (h2load GET -> nginx)")
         off = highest_lossless(node, client, server, rates_off, seconds, work, [])
         on = highest_lossless(node, client, server, rates_on, seconds, work, ["--waf", "--ddr"])

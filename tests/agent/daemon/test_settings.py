@@ -9,7 +9,7 @@ import pytest
 
 from flowprobe.agent.daemon.main import Settings, SettingsError, active_policies, export_config
 from flowprobe.api.policyset import CompiledExport, CompiledPolicySet
-from tests.agent.enrich.objects import policy
+from flowprobe.devenv.k8sobjects import policy
 
 NOW = datetime.datetime(2026, 11, 28, tzinfo=datetime.UTC)
 

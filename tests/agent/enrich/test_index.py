@@ -11,7 +11,7 @@ from flowprobe.agent.enrich.index import (
     ClusterIndex,
 )
 from flowprobe.agent.enrich.resolver import KubernetesResolver
-from tests.agent.enrich.objects import endpoint_slice, job, namespace, pod, service
+from flowprobe.devenv.k8sobjects import endpoint_slice, job, namespace, pod, service
 
 S = 1_000_000  # µs
 

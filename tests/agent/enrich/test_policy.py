@@ -7,7 +7,7 @@ from typing import Any
 from flowprobe.agent.enrich.index import NAMESPACES, PODS, ClusterIndex
 from flowprobe.agent.enrich.policy import MAX_BPF_HOSTS, PolicyEngine
 from flowprobe.agent.enrich.resolver import KubernetesResolver
-from tests.agent.enrich.objects import namespace, pod, policy
+from flowprobe.devenv.k8sobjects import namespace, pod, policy
 from tests.agent.export.fakes import exchange
 
 T = 1_700_000_000_000_000

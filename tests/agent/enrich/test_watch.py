@@ -8,7 +8,7 @@ from typing import Any
 from flowprobe.agent.enrich.index import PODS, ClusterIndex
 from flowprobe.agent.enrich.kubeapi import ApiError, KubeApi
 from flowprobe.agent.enrich.watch import Watcher
-from tests.agent.enrich.objects import pod
+from flowprobe.devenv.k8sobjects import pod
 
 
 class ScriptedApi(KubeApi):

@@ -1,4 +1,4 @@
-"""Kubernetes objects as the API serves them (JSON dicts), for the enrichment tests."""
+"""Kubernetes objects as the API serves them (JSON dicts), for the enrichment tests and enrichbench."""
 
 from __future__ import annotations
 
@@ -54,21 +54,27 @@ def pod(
     }
 
 
-def service(name: str, cluster_ip: str, namespace: str = "shop") -> dict[str, Any]:
+def service(
+    name: str, cluster_ip: str, namespace: str = "shop", uid: str | None = None
+) -> dict[str, Any]:
     return {
-        "metadata": {"name": name, "namespace": namespace, "uid": f"uid-svc-{name}"},
+        "metadata": {"name": name, "namespace": namespace, "uid": uid or f"uid-svc-{name}"},
         "spec": {"clusterIP": cluster_ip, "clusterIPs": [cluster_ip]},
     }
 
 
 def endpoint_slice(
-    name: str, service_name: str, pods: list[dict[str, Any]], namespace: str = "shop"
+    name: str,
+    service_name: str,
+    pods: list[dict[str, Any]],
+    namespace: str = "shop",
+    uid: str | None = None,
 ) -> dict[str, Any]:
     return {
         "metadata": {
             "name": name,
             "namespace": namespace,
-            "uid": f"uid-eps-{name}",
+            "uid": uid or f"uid-eps-{name}",
             "labels": {"kubernetes.io/service-name": service_name},
         },
         "endpoints": [
