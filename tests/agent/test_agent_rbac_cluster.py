@@ -16,9 +16,9 @@ from flowprobe.api import constants
 from flowprobe.api.agentreport import report_lease_name
 from flowprobe.api.policyset import CompiledPolicySet
 from flowprobe.devenv.cluster import LocalCluster
+from flowprobe.devenv.procs import free_ports
 from tests.operator.clusterkit import (
     ApiProxy,
-    free_port,
     grants_from,
     rbac_gaps,
     token_kubeconfig,
@@ -54,7 +54,7 @@ def test_agent_daemon_uses_exactly_the_chart_agent_rbac(
     proxy.start()
     policies = tmp_path / "policies.json"
     policies.write_text(CompiledPolicySet().to_json())
-    port = free_port()
+    port = free_ports(1)[0]
     env = dict(
         os.environ,
         NODE_NAME=node,

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import aiohttp
 from aiohttp import web
 
 import flowprobe.controller
+from flowprobe.devenv.procs import free_ports
 
 _HOP_BY_HOP = {
     "connection",
@@ -241,12 +241,6 @@ def token_kubeconfig(path: Path, server: str, token: str) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class OperatorProcess:
     """The operator as `kopf run -m flowprobe.controller`, logs in a file."""
 
@@ -266,7 +260,7 @@ class OperatorProcess:
         self.config_file = workdir / f"{name}-config.json"
         self.config_file.write_text(json.dumps(config))
         self.log = workdir / f"{name}.log"
-        self.port = free_port()
+        self.port = free_ports(1)[0]
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
