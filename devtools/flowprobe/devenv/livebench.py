@@ -185,9 +185,17 @@ def run_rate(
     }
 
 
-def soak(node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path) -> None:
+def soak(
+    node: Node,
+    client: Pod,
+    server: Pod,
+    rate: int,
+    seconds: int,
+    work: Path,
+    agent_args: Sequence[str] = (),
+) -> None:
     stats_file = work / "soak-stats.json"
-    agent = spawn_agent(node, stats_file)
+    agent = spawn_agent(node, stats_file, agent_args)
     load = subprocess.Popen(
         client.cmd(h2load(server, rate, 8, seconds)), stdout=subprocess.PIPE, text=True
     )
@@ -230,7 +238,7 @@ def main() -> None:
         raise SystemExit("nginx missing: apt-get install nginx-light nghttp2-client")
     with nginx_pods("10.254.0.0/24", "flowprobe-live-") as (node, client, server, work):
         if args.soak:
-            soak(node, client, server, args.soak_rate, args.soak, work)
+            soak(node, client, server, args.soak_rate, args.soak, work, args.agent_args.split())
             return
         print(
             f"{'target/s':>9} {'achieved/s':>10} {'sent':>9} {'reported':>9} {'loss':>8} {'agent CPU%':>10} {'dumpcap drops':>13}"
