@@ -13,10 +13,9 @@ are asserted in tests/agent/parse/test_mysql.py.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
-from flowprobe.devenv.netns import Node, capture_to_file
+from flowprobe.devenv.netns import Node, record_pcap, run_or_exit
 from flowprobe.devenv.servers import start_mariadb
 
 OUT = Path(__file__).resolve().parent / "mysql"
@@ -202,9 +201,7 @@ def main() -> None:
             start_mariadb(server, Path(tmp) / str(port), port, INIT_SQL)
 
         def run(port: int, scenario: str) -> None:
-            r = client.run(["python3", "-c", CLIENT, server.ip, str(port), scenario])
-            if r.returncode:
-                raise SystemExit(f"{scenario}: {r.stderr}")
+            run_or_exit(client, ["python3", "-c", CLIENT, server.ip, str(port), scenario], scenario)
 
         def cli(port: int) -> None:
             r = client.run(
@@ -236,15 +233,11 @@ def main() -> None:
             (3306, "deprecate_eof"),
             (3307, "altport"),
         ):
-            path = OUT / f"{scenario}.pcapng"
-            path.unlink(missing_ok=True)
-            with capture_to_file(node, str(path), bpf=f"inbound and tcp port {port}"):
+            with record_pcap(node, OUT / f"{scenario}.pcapng", f"inbound and tcp port {port}"):
                 if scenario == "cli":
                     cli(port)
                 else:
                     run(port, scenario)
-            print(path, path.stat().st_size)
-            time.sleep(0.2)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,9 @@ in tests/agent/parse/test_postgres.py.
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
-from flowprobe.devenv.netns import Node, capture_to_file
+from flowprobe.devenv.netns import Node, record_pcap, run_or_exit
 from flowprobe.devenv.servers import start_postgres
 
 OUT = Path(__file__).resolve().parent / "postgres"
@@ -146,9 +145,7 @@ def main() -> None:
             start_postgres(server, Path(tmp) / str(port), port, password=PASSWORD)
 
         def run(port: int, scenario: str) -> None:
-            r = client.run(["python3", "-c", CLIENT, server.ip, str(port), scenario])
-            if r.returncode:
-                raise SystemExit(f"{scenario}: {r.stderr}")
+            run_or_exit(client, ["python3", "-c", CLIENT, server.ip, str(port), scenario], scenario)
 
         run(5432, "setup")
         run(5433, "setup")
@@ -158,12 +155,8 @@ def main() -> None:
             (5432, "pipeline"),
             (5433, "altport"),
         ):
-            path = OUT / f"{scenario}.pcapng"
-            path.unlink(missing_ok=True)
-            with capture_to_file(node, str(path), bpf=f"inbound and tcp port {port}"):
+            with record_pcap(node, OUT / f"{scenario}.pcapng", f"inbound and tcp port {port}"):
                 run(port, scenario)
-            print(path, path.stat().st_size)
-            time.sleep(0.2)
 
 
 if __name__ == "__main__":
