@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +36,16 @@ def run_pcap(
     pipeline.feed(rows)
     pipeline.finish()
     return records, stats, rows.error
+
+
+def agent(*args: str) -> subprocess.CompletedProcess[str]:
+    """``flowprobe-agent ARGS`` as a subprocess, run to completion (two minutes at most)."""
+    return subprocess.run(
+        [sys.executable, "-m", "flowprobe.agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def read_pcap(path: str | Path, **config: Any) -> list[dict[str, Any]]:

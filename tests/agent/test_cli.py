@@ -11,18 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent.helpers import DATA
+from tests.agent.helpers import DATA, agent
 
 KEEPALIVE = DATA / "http" / "keepalive.pcapng"
-
-
-def agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowprobe.agent", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.mark.capture
