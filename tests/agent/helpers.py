@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -46,6 +48,12 @@ def agent(*args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+def stop_agent(agent: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Interrupt a live agent (``Node.spawn_agent``): it must drain and exit 0."""
+    os.killpg(agent.pid, signal.SIGINT)
+    assert agent.wait(timeout=timeout) == 0
 
 
 def read_pcap(path: str | Path, **config: Any) -> list[dict[str, Any]]:
