@@ -40,13 +40,14 @@ def run_pcap(
     return records, stats, rows.error
 
 
-def agent(*args: str) -> subprocess.CompletedProcess[str]:
+def agent(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``flowprobe-agent ARGS`` as a subprocess, run to completion (two minutes at most)."""
     return subprocess.run(
         [sys.executable, "-m", "flowprobe.agent", *args],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
 
 
