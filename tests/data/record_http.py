@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from flowprobe.devenv.netns import Node, record_pcap, run_or_exit
+from flowprobe.devenv.servers import start_http
 
 OUT = Path(__file__).resolve().parent / "http"
 PORT = 8080
@@ -76,8 +77,7 @@ def main() -> None:
     with Node(subnet="10.251.0.0/24") as node:
         client = node.add_pod("client")
         server = node.add_pod("api")
-        server.spawn(["python3", "-m", "flowprobe.devenv.httpapp", server.ip, str(PORT)])
-        server.wait_port(PORT)
+        start_http(server, PORT)
         for scenario in ("keepalive", "pipelined", "features", "delays", "noresponse"):
             with record_pcap(node, OUT / f"{scenario}.pcapng", f"inbound and tcp port {PORT}"):
                 out = run_or_exit(
