@@ -1,4 +1,5 @@
-"""Shared test helpers: run the real pipeline (tshark included) over a pcap."""
+"""Shared test helpers: the real pipeline (tshark included) over a pcap, the agent as a
+subprocess, parsers on hand-made columns and synthetic pcaps."""
 
 from __future__ import annotations
 
