@@ -1,12 +1,22 @@
-"""Shared test helpers: run the real pipeline (tshark included) over a pcap."""
+"""Shared test helpers: the real pipeline (tshark included) over a pcap, the agent as a
+subprocess, parsers on hand-made columns and synthetic pcaps."""
 
 from __future__ import annotations
 
+import functools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.capture.tshark import Tools, read_file
 from flowprobe.agent.config import AgentConfig
+from flowprobe.agent.parse.base import Parser
+from flowprobe.agent.parse.messages import L7Message
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.devenv.pcapgen import ACK, FIN, SYN, Conn, write_frames
@@ -31,11 +41,95 @@ def run_pcap(
     return records, stats, rows.error
 
 
+def agent(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``flowprobe-agent ARGS`` as a subprocess, run to completion (two minutes at most)."""
+    return subprocess.run(
+        [sys.executable, "-m", "flowprobe.agent", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+
+
+def stop_agent(agent: subprocess.Popen[bytes], timeout: float = 120) -> None:
+    """Interrupt a live agent (``Node.spawn_agent``): it must drain and exit 0."""
+    os.killpg(agent.pid, signal.SIGINT)
+    assert agent.wait(timeout=timeout) == 0
+
+
 def read_pcap(path: str | Path, **config: Any) -> list[dict[str, Any]]:
     """Exchange records of a pcap read through tshark and the whole pipeline."""
     records, _stats, error = run_pcap(path, **config)
     assert error is None, error
     return records
+
+
+def db_summary(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Operation, query text, outcome, rows, affected rows, status of each database record."""
+    return [
+        (
+            r.get("db.operation.name"),
+            r.get("db.query.text"),
+            r["flowprobe.outcome"],
+            r.get("flowprobe.db.rows"),
+            r.get("flowprobe.db.affected_rows"),
+            r.get("db.response.status_code"),
+        )
+        for r in records
+    ]
+
+
+def check_db_records(
+    records: list[dict[str, Any]], system: str, namespace: str, peers: tuple[str, str], port: int
+) -> None:
+    """What every record of a recorded database pcap carries; ``peers`` is (client, server)."""
+    for r in records:
+        assert r["flowprobe.protocol"] == system
+        assert r["db.system.name"] == system
+        assert r["db.namespace"] == namespace
+        assert (r["client.address"], r["server.address"], r["server.port"]) == (*peers, port)
+        assert r["flowprobe.duration_us"] > 0
+        assert r["start_time_unix_us"] < r["end_time_unix_us"]
+        assert r["flowprobe.server_response_time_us"] >= 0
+        assert r["flowprobe.response.packets"] >= 1
+        if r["flowprobe.outcome"] == "error":
+            assert r["error.type"] == r["db.response.status_code"]
+        else:
+            assert "error.type" not in r
+
+
+# Parsers on hand-made tshark columns.
+
+P = TypeVar("P", bound=Parser)
+
+
+@functools.cache
+def layout(fields: tuple[str, ...]) -> ColumnLayout:
+    return ColumnLayout.build(fields)
+
+
+def bound(parser: P) -> P:
+    """``parser`` bound to the layout of its own fields, the one ``columns`` fills."""
+    parser.bind(layout(parser.fields))
+    return parser
+
+
+def columns(fields: tuple[str, ...], prefix: str = "", **values: str) -> list[str]:
+    """One packet's columns in the layout of ``fields``: each keyword is a field
+    name after ``prefix`` with ``__`` for ``.``; the other columns are empty."""
+    lay = layout(fields)
+    cols = [""] * len(lay.fields)
+    for name, value in values.items():
+        cols[lay.index(prefix + name.replace("__", "."))] = value
+    return cols
+
+
+def exchange_messages(
+    parser: Parser, cols: Sequence[str], to_server: bool | None, state: dict[str, object]
+) -> list[L7Message]:
+    """The parser's messages that take part in exchanges (not mere boundary marks)."""
+    return [m for m in parser.parse(cols, to_server, state) if not getattr(m, "control", False)]
 
 
 # Synthetic pcaps: frames built with flowprobe.devenv.pcapgen, 1 ms apart.

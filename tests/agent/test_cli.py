@@ -5,24 +5,13 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.agent.helpers import DATA
+from tests.agent.helpers import DATA, agent
 
 KEEPALIVE = DATA / "http" / "keepalive.pcapng"
-
-
-def agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowprobe.agent", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.mark.capture
@@ -83,13 +72,7 @@ def test_missing_file() -> None:
 
 
 def test_missing_tshark_says_what_to_install() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "flowprobe.agent", "read", str(KEEPALIVE)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "FLOWPROBE_TSHARK": "/nonexistent/tshark"},
-        timeout=60,
-    )
+    r = agent("read", str(KEEPALIVE), env={**os.environ, "FLOWPROBE_TSHARK": "/nonexistent/tshark"})
     assert r.returncode == 2
     assert "apt-get install tshark" in r.stderr
 

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from flowprobe.devenv.netns import Node, Pod
-from flowprobe.devenv.servers import start_http
+from tests.agent.helpers import stop_agent
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns]
 
@@ -43,37 +40,23 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture
-def pods() -> Iterator[tuple[Node, Pod, Pod]]:
-    with Node(subnet="10.253.0.0/24") as node:
-        client = node.add_pod("client")
-        server = node.add_pod("api")
-        start_http(server, 8080)
-        yield node, client, server
-
-
 def _capture(node: Node, out: Path, *extra: str) -> subprocess.Popen[bytes]:
     return node.spawn_agent(
         ["-i", "any", "-f", "inbound and tcp port 8080", "--output", str(out), *extra]
     )
 
 
-def _stop(agent: subprocess.Popen[bytes]) -> None:
-    os.killpg(agent.pid, signal.SIGINT)
-    assert agent.wait(timeout=60) == 0
-
-
 def test_every_request_reported_once_with_client_measured_durations(
-    pods: tuple[Node, Pod, Pod], tmp_path: Path
+    http_pods: tuple[Node, Pod, Pod], tmp_path: Path
 ) -> None:
-    node, client, server = pods
+    node, client, server = http_pods
     out = tmp_path / "live.jsonl"
     agent = _capture(node, out)
     delays = [5, 10, 20, 50, 100, 200]
     r = client.run([sys.executable, "-c", CLIENT, server.ip, ",".join(map(str, delays)), "200"])
     assert r.returncode == 0, r.stderr
     time.sleep(1.0)
-    _stop(agent)
+    stop_agent(agent)
     measured: list[list[int]] = json.loads(r.stdout)
     records: list[dict[str, Any]] = [json.loads(ln) for ln in out.read_text().splitlines()]
     items = [rec for rec in records if rec["url.path"].startswith("/items/")]
@@ -110,18 +93,18 @@ def test_capture_interface_missing_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_tshark_replaced_make_before_break_loses_nothing(
-    pods: tuple[Node, Pod, Pod], tmp_path: Path
+    http_pods: tuple[Node, Pod, Pod], tmp_path: Path
 ) -> None:
     """A tshark memory limit of 1 MB replaces tshark at every check (each
     500 rows): requests on a kept-alive connection across several
     handovers are each reported once."""
-    node, client, server = pods
+    node, client, server = http_pods
     out, stats = tmp_path / "rot.jsonl", tmp_path / "stats.json"
     agent = _capture(node, out, "--tshark-rss-limit", "1", "--stats", str(stats))
     r = client.run([sys.executable, "-c", CLIENT, server.ip, "5", "1000"])
     assert r.returncode == 0, r.stderr
     time.sleep(1.0)
-    _stop(agent)
+    stop_agent(agent)
     records = [json.loads(ln) for ln in out.read_text().splitlines()]
     paths = [rec["url.path"] for rec in records if rec["url.path"].startswith("/items/")]
     assert json.loads(stats.read_text())["tshark_rotations"] >= 2

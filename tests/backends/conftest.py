@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 
 from flowprobe.devenv.backends import LocalBackends
+
+T = TypeVar("T")
+
+
+def poll(
+    fetch: Callable[[], T],
+    ok: Callable[[T], bool] = bool,
+    timeout: float = 60.0,
+    interval: float = 0.5,
+) -> T:
+    """Call ``fetch`` until ``ok`` holds for its value (or time is up), and return the value.
+
+    Spans and points go SDK batch -> collector batch -> backend (-> scrape), so
+    they are never visible at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fetch()
+        if ok(value) or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
 
 
 @pytest.fixture(scope="session")

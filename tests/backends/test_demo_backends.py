@@ -17,10 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from tests.backends.conftest import poll
 
 from flowprobe.devenv import dashboards
 from flowprobe.devenv.backends import LocalBackends, attributes_of, spans_of
@@ -28,7 +29,6 @@ from flowprobe.devenv.demo import Export, run_demo
 
 pytestmark = [pytest.mark.backends, pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
 
-T = TypeVar("T")
 
 # One connection: the api serves one request at a time, so every downstream
 # call has exactly one request in flight around it and must be linked.
@@ -39,16 +39,6 @@ KIND = {2: "server", "SPAN_KIND_SERVER": "server", 3: "client", "SPAN_KIND_CLIEN
 ERROR = (2, "STATUS_CODE_ERROR")
 # No proxy for loopback, as in backends.py.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def poll(fetch: Callable[[], T], ok: Callable[[T], bool], timeout: float = 60.0) -> T:
-    """Spans and points reach the backends in batches, then scrapes: never at once."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if ok(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.5)
 
 
 @dataclass

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
@@ -18,26 +16,11 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
+from tests.backends.conftest import poll
 
 from flowprobe.devenv.backends import LocalBackends, attributes_of, spans_of
 
 pytestmark = pytest.mark.backends
-
-T = TypeVar("T")
-
-
-def poll(fetch: Callable[[], T], timeout: float = 30.0, interval: float = 0.5) -> T:
-    """Call ``fetch`` until it returns something truthy.
-
-    Spans and points go SDK batch -> collector batch -> backend (-> scrape), so
-    they are never visible at once.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 @pytest.fixture
@@ -84,7 +67,7 @@ def test_span_reaches_jaeger(
         spans = spans_of(local_backends.jaeger_traces(service_name, start, end))
         return [s for s in spans if s["traceId"] == trace_id]
 
-    found = poll(find)
+    found = poll(find, timeout=30.0)
     assert len(found) == 1, (
         f"trace {trace_id} not in Jaeger; services: {local_backends.jaeger_services()}"
     )
@@ -123,7 +106,7 @@ def test_counter_reaches_prometheus(
     # The exporter turns service.name into `job` (kept by honor_labels), dots
     # into underscores, drops the {annotation} unit and appends _total.
     query = f'flowprobe_test_requests_total{{job="{service_name}"}}'
-    result = poll(lambda: local_backends.prom_query(query))
+    result = poll(lambda: local_backends.prom_query(query), timeout=30.0)
     by_method = {r["metric"]["http_request_method"]: float(r["value"][1]) for r in result}
     assert by_method == {"GET": 3.0, "POST": 1.0}, result
     # resource_constant_labels in otel/collector.yaml copies k8s.* onto series.

@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import pytest
+from tests.agent.enrich.kubekit import running_pods
 
 from flowprobe.devenv import toolchain
 from flowprobe.devenv.cluster import LocalCluster
@@ -68,21 +69,12 @@ def test_local_cluster_smoke(local_cluster: LocalCluster) -> None:
     local_cluster.kubectl("create", "namespace", ns)
     try:
         local_cluster.kubectl("apply", "-f", "-", input=json.dumps(_deployment(ns, nodes)))
-
-        def running_pods() -> list[dict[str, Any]]:
-            pods = _get_json(local_cluster, "-n", ns, "pods", "-l", "app=web")["items"]
-            return [
-                p
-                for p in pods
-                if p["metadata"].get("deletionTimestamp") is None
-                and p.get("status", {}).get("phase") == "Running"
-                and p["status"].get("podIP")
-            ]
-
         local_cluster.wait_for(
-            lambda: len(running_pods()) == 2, "2 Running pods with a podIP", timeout=90
+            lambda: len(running_pods(local_cluster, ns)) == 2,
+            "2 Running pods with a podIP",
+            timeout=90,
         )
-        pods = running_pods()
+        pods = list(running_pods(local_cluster, ns).values())
         assert {p["spec"]["nodeName"] for p in pods} <= set(nodes)
         assert len({p["status"]["podIP"] for p in pods}) == 2
         for p in pods:

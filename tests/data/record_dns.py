@@ -216,7 +216,7 @@ def _read_tcp(conn: socket.socket, count: int) -> None:
 
 
 def main() -> None:
-    from flowprobe.devenv.netns import Node, capture_to_file
+    from flowprobe.devenv.netns import Node, record_pcap, run_or_exit
 
     OUT.mkdir(parents=True, exist_ok=True)
     me = str(Path(__file__).resolve())
@@ -227,13 +227,8 @@ def main() -> None:
         srv.wait_port(53)
         srv.wait_port(CUSTOM_PORT)
         for scenario in ("udp", "tcp", "port"):
-            path = OUT / f"{scenario}.pcapng"
-            path.unlink(missing_ok=True)
-            with capture_to_file(node, str(path), bpf="inbound and (udp or tcp)"):
-                r = cli.run([sys.executable, me, "client", scenario, srv.ip])
-                if r.returncode:
-                    raise SystemExit(r.stderr)
-            print(path, path.stat().st_size)
+            with record_pcap(node, OUT / f"{scenario}.pcapng", "inbound and (udp or tcp)"):
+                run_or_exit(cli, [sys.executable, me, "client", scenario, srv.ip], scenario)
 
 
 if __name__ == "__main__":

@@ -288,28 +288,20 @@ def most_streams_in_one_segment(path: Path, port: int) -> tuple[int, int]:
 
 
 def record(node: object, cl: object, srv_ip: str, scenario: str, me: str) -> Path:
-    from flowprobe.devenv.netns import Node, Pod, capture_to_file
+    from flowprobe.devenv.netns import Node, Pod, record_pcap, run_or_exit
 
     assert isinstance(node, Node) and isinstance(cl, Pod)
     path = OUT / f"{scenario}.pcapng"
-    path.unlink(missing_ok=True)
     port = H2C_PORT if scenario == "h2c" else GRPC_PORT
-    with capture_to_file(node, str(path), bpf=f"inbound and tcp port {port}"):
+    with record_pcap(node, path, f"inbound and tcp port {port}"):
         if scenario == "h2c":
-            r = cl.run([sys.executable, me, "client-h2c", srv_ip, str(port)])
-            if r.returncode:
-                raise SystemExit(f"{scenario}: {r.stderr}")
+            run_or_exit(cl, [sys.executable, me, "client-h2c", srv_ip, str(port)], scenario)
             base = f"http://{srv_ip}:{port}"
             # curl, one request per connection.
             for args in (["-d", "hello, h2c", f"{base}/echo"], ["-I", f"{base}/items/2"]):
-                r = cl.run(["curl", "-sS", "--http2-prior-knowledge", *args])
-                if r.returncode:
-                    raise SystemExit(f"curl {args}: {r.stderr}")
+                run_or_exit(cl, ["curl", "-sS", "--http2-prior-knowledge", *args], f"curl {args}")
         else:
-            r = cl.run([sys.executable, me, "client", srv_ip, str(port), scenario])
-            if r.returncode:
-                raise SystemExit(f"{scenario}: {r.stderr}")
-    path.chmod(0o644)
+            run_or_exit(cl, [sys.executable, me, "client", srv_ip, str(port), scenario], scenario)
     return path
 
 
@@ -340,8 +332,6 @@ def main() -> None:
                     break
             else:
                 raise SystemExit("no recording had 15 requests and 10 replies in one segment")
-            print(path, path.stat().st_size)
-            time.sleep(0.2)
 
 
 if __name__ == "__main__":

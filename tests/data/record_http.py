@@ -6,10 +6,10 @@ Each file's scenario and expected counts are asserted in tests/agent/parse/test_
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from flowprobe.devenv.netns import Node, capture_to_file
+from flowprobe.devenv.netns import Node, record_pcap, run_or_exit
+from flowprobe.devenv.servers import start_http
 
 OUT = Path(__file__).resolve().parent / "http"
 PORT = 8080
@@ -77,19 +77,14 @@ def main() -> None:
     with Node(subnet="10.251.0.0/24") as node:
         client = node.add_pod("client")
         server = node.add_pod("api")
-        server.spawn(["python3", "-m", "flowprobe.devenv.httpapp", server.ip, str(PORT)])
-        server.wait_port(PORT)
+        start_http(server, PORT)
         for scenario in ("keepalive", "pipelined", "features", "delays", "noresponse"):
-            path = OUT / f"{scenario}.pcapng"
-            path.unlink(missing_ok=True)
-            with capture_to_file(node, str(path), bpf=f"inbound and tcp port {PORT}"):
-                r = client.run(["python3", "-c", CLIENT, server.ip, str(PORT), scenario])
-                if r.returncode:
-                    raise SystemExit(r.stderr)
-                if r.stdout:
-                    (OUT / f"{scenario}.client.txt").write_text(r.stdout)
-            print(path, path.stat().st_size)
-            time.sleep(0.2)
+            with record_pcap(node, OUT / f"{scenario}.pcapng", f"inbound and tcp port {PORT}"):
+                out = run_or_exit(
+                    client, ["python3", "-c", CLIENT, server.ip, str(PORT), scenario], scenario
+                )
+                if out:
+                    (OUT / f"{scenario}.client.txt").write_text(out)
 
 
 if __name__ == "__main__":

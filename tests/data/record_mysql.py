@@ -12,15 +12,11 @@ are asserted in tests/agent/parse/test_mysql.py.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from flowprobe.devenv.netns import Node, Pod, capture_to_file
+from flowprobe.devenv.netns import Node, record_pcap, run_or_exit
+from flowprobe.devenv.servers import start_mariadb
 
 OUT = Path(__file__).resolve().parent / "mysql"
 
@@ -185,117 +181,63 @@ elif scenario == "altport":
 """
 
 
-@contextlib.contextmanager
-def mariadb(pod: Pod, datadir: Path, tmp: Path, port: int) -> Iterator[None]:
-    sock = tmp / f"mysqld-{port}.sock"
-    proc = pod.spawn(
-        [
-            "mariadbd",
-            "--no-defaults",
-            "--user=root",
-            f"--datadir={datadir}",
-            f"--socket={sock}",
-            f"--pid-file={tmp / f'mysqld-{port}.pid'}",
-            f"--bind-address={pod.ip}",
-            f"--port={port}",
-            "--skip-ssl",
-            "--skip-name-resolve",
-            "--innodb-buffer-pool-size=16M",
-            "--innodb-log-file-size=4M",
-            f"--log-error={tmp / 'mysqld.log'}",
-        ],
-    )
-    try:
-        pod.wait_port(port)
-        yield
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        pod.processes.remove(proc)
+INIT_SQL = (
+    "CREATE DATABASE IF NOT EXISTS shop; "
+    "CREATE USER IF NOT EXISTS 'app'@'%' IDENTIFIED BY 'flowprobe-secret'; "
+    "GRANT ALL ON shop.* TO 'app'@'%';"
+)
 
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="flowprobe-mysql-"))
-    datadir = tmp / "data"
-    try:
-        subprocess.run(
-            [
-                "mariadb-install-db",
-                "--no-defaults",
-                "--user=root",
-                f"--datadir={datadir}",
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        with Node(subnet="10.252.2.0/24") as node:
-            client = node.add_pod("myclient")
-            server = node.add_pod("mariadb")
+    with (
+        tempfile.TemporaryDirectory(prefix="flowprobe-mysql-") as tmp,
+        Node(subnet="10.252.2.0/24") as node,
+    ):
+        client = node.add_pod("myclient")
+        server = node.add_pod("mariadb")
+        # A second server on another port for the altport scenario.
+        for port in (3306, 3307):
+            start_mariadb(server, Path(tmp) / str(port), port, INIT_SQL)
 
-            def run(port: int, scenario: str) -> None:
-                r = client.run(["python3", "-c", CLIENT, server.ip, str(port), scenario])
-                if r.returncode:
-                    raise SystemExit(f"{scenario}: {r.stderr}")
+        def run(port: int, scenario: str) -> None:
+            run_or_exit(client, ["python3", "-c", CLIENT, server.ip, str(port), scenario], scenario)
 
-            def cli(port: int) -> None:
-                r = client.run(
-                    [
-                        "mariadb",
-                        "--no-defaults",
-                        "--skip-ssl",
-                        f"--host={server.ip}",
-                        f"--port={port}",
-                        "--user=app",
-                        "--password=flowprobe-secret",
-                        "shop",
-                        "-e",
-                        "SELECT id, name FROM items WHERE id <= 5; "
-                        "UPDATE items SET price = 1.00 WHERE id = 6; "
-                        "SELECT 1 FROM missing_table",
-                    ]
-                )
-                # The last statement fails on purpose.
-                if "1146" not in r.stderr:
-                    raise SystemExit(f"cli: {r.stderr}")
+        def cli(port: int) -> None:
+            r = client.run(
+                [
+                    "mariadb",
+                    "--no-defaults",
+                    "--skip-ssl",
+                    f"--host={server.ip}",
+                    f"--port={port}",
+                    "--user=app",
+                    "--password=flowprobe-secret",
+                    "shop",
+                    "-e",
+                    "SELECT id, name FROM items WHERE id <= 5; "
+                    "UPDATE items SET price = 1.00 WHERE id = 6; "
+                    "SELECT 1 FROM missing_table",
+                ]
+            )
+            # The last statement fails on purpose.
+            if "1146" not in r.stderr:
+                raise SystemExit(f"cli: {r.stderr}")
 
-            with mariadb(server, datadir, tmp, 3306):
-                sock = tmp / "mysqld-3306.sock"
-                server.run(
-                    [
-                        "mariadb",
-                        "--no-defaults",
-                        f"--socket={sock}",
-                        "-u",
-                        "root",
-                        "-e",
-                        "CREATE DATABASE IF NOT EXISTS shop; "
-                        "CREATE USER IF NOT EXISTS 'app'@'%' IDENTIFIED BY 'flowprobe-secret'; "
-                        "GRANT ALL ON shop.* TO 'app'@'%';",
-                    ],
-                    check=True,
-                )
-                run(3306, "setup")
-                for scenario in ("queries", "prepared", "cli", "deprecate_eof"):
-                    path = OUT / f"{scenario}.pcapng"
-                    path.unlink(missing_ok=True)
-                    with capture_to_file(node, str(path), bpf="inbound and tcp port 3306"):
-                        if scenario == "cli":
-                            cli(3306)
-                        else:
-                            run(3306, scenario)
-                    print(path, path.stat().st_size)
-                    time.sleep(0.2)
-            with mariadb(server, datadir, tmp, 3307):
-                path = OUT / "altport.pcapng"
-                path.unlink(missing_ok=True)
-                with capture_to_file(node, str(path), bpf="inbound and tcp port 3307"):
-                    run(3307, "altport")
-                print(path, path.stat().st_size)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        run(3306, "setup")
+        run(3307, "setup")
+        for port, scenario in (
+            (3306, "queries"),
+            (3306, "prepared"),
+            (3306, "cli"),
+            (3306, "deprecate_eof"),
+            (3307, "altport"),
+        ):
+            with record_pcap(node, OUT / f"{scenario}.pcapng", f"inbound and tcp port {port}"):
+                if scenario == "cli":
+                    cli(port)
+                else:
+                    run(port, scenario)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,13 @@ in tests/agent/parse/test_postgres.py.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
-from flowprobe.devenv.netns import Node, Pod, capture_to_file
+from flowprobe.devenv.netns import Node, record_pcap, run_or_exit
+from flowprobe.devenv.servers import start_postgres
 
 OUT = Path(__file__).resolve().parent / "postgres"
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PASSWORD = "flowprobe-secret"
 
 CLIENT = r"""
@@ -138,98 +132,31 @@ elif scenario == "altport":
 """
 
 
-def _pg(*args: str) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *args]
-
-
-@contextlib.contextmanager
-def postgres(pod: Pod, datadir: Path, sockdir: Path, port: int) -> Iterator[None]:
-    proc = pod.spawn(
-        _pg(
-            str(PG_BIN / "postgres"),
-            "-D",
-            str(datadir),
-            "-p",
-            str(port),
-            "-c",
-            f"listen_addresses={pod.ip}",
-            "-c",
-            f"unix_socket_directories={sockdir}",
-            "-c",
-            "ssl=off",
-            "-c",
-            "fsync=off",
-        ),
-        log_path=str(sockdir / "postgres.log"),
-    )
-    try:
-        pod.wait_port(port)
-        yield
-    finally:
-        proc.terminate()
-        # postgres runs under runuser under ip-netns-exec: stop the whole group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        proc.wait(timeout=20)
-        pod.processes.remove(proc)
-
-
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix="flowprobe-pg-"))
-    os.chmod(tmp, 0o755)
-    datadir, sockdir = tmp / "data", tmp / "sock"
-    sockdir.mkdir()
-    shutil.chown(tmp, "postgres")
-    shutil.chown(sockdir, "postgres")
-    try:
-        pwfile = tmp / "pw"
-        pwfile.write_text(PASSWORD + "\n")
-        shutil.chown(pwfile, "postgres")
-        subprocess.run(
-            _pg(
-                str(PG_BIN / "initdb"),
-                "-D",
-                str(datadir),
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                f"--pwfile={pwfile}",
-            ),
-            check=True,
-            capture_output=True,
-        )
-        with (datadir / "pg_hba.conf").open("a") as f:
-            f.write("host all all 0.0.0.0/0 scram-sha-256\n")
-        with Node(subnet="10.252.1.0/24") as node:
-            client = node.add_pod("pgclient")
-            server = node.add_pod("postgres")
+    with (
+        tempfile.TemporaryDirectory(prefix="flowprobe-pg-") as tmp,
+        Node(subnet="10.252.1.0/24") as node,
+    ):
+        client = node.add_pod("pgclient")
+        server = node.add_pod("postgres")
+        # A second cluster on another port for the altport scenario.
+        for port in (5432, 5433):
+            start_postgres(server, Path(tmp) / str(port), port, password=PASSWORD)
 
-            def run(port: int, scenario: str) -> None:
-                r = client.run(["python3", "-c", CLIENT, server.ip, str(port), scenario])
-                if r.returncode:
-                    raise SystemExit(f"{scenario}: {r.stderr}")
+        def run(port: int, scenario: str) -> None:
+            run_or_exit(client, ["python3", "-c", CLIENT, server.ip, str(port), scenario], scenario)
 
-            with postgres(server, datadir, sockdir, 5432):
-                for scenario in ("setup", "simple", "extended", "pipeline"):
-                    if scenario == "setup":
-                        run(5432, scenario)
-                        continue
-                    path = OUT / f"{scenario}.pcapng"
-                    path.unlink(missing_ok=True)
-                    with capture_to_file(node, str(path), bpf="inbound and tcp port 5432"):
-                        run(5432, scenario)
-                    print(path, path.stat().st_size)
-                    time.sleep(0.2)
-            with postgres(server, datadir, sockdir, 5433):
-                path = OUT / "altport.pcapng"
-                path.unlink(missing_ok=True)
-                with capture_to_file(node, str(path), bpf="inbound and tcp port 5433"):
-                    run(5433, "altport")
-                print(path, path.stat().st_size)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        run(5432, "setup")
+        run(5433, "setup")
+        for port, scenario in (
+            (5432, "simple"),
+            (5432, "extended"),
+            (5432, "pipeline"),
+            (5433, "altport"),
+        ):
+            with record_pcap(node, OUT / f"{scenario}.pcapng", f"inbound and tcp port {port}"):
+                run(port, scenario)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def small_segments(node: Any) -> None:
 
 
 def main() -> None:
-    from flowprobe.devenv.netns import Node, capture_to_file
+    from flowprobe.devenv.netns import Node, record_pcap, run_or_exit
     from flowprobe.devenv.servers import start_redis
 
     OUT.mkdir(parents=True, exist_ok=True)
@@ -156,13 +156,8 @@ def main() -> None:
             (Path(tmp) / sub).mkdir()
             start_redis(srv, Path(tmp) / sub, port)
         for scenario in ("resp2", "pipeline", "resp3", "port", "garbage"):
-            path = OUT / f"{scenario}.pcapng"
-            path.unlink(missing_ok=True)
-            with capture_to_file(node, str(path), bpf="inbound and tcp"):
-                r = cli.run([sys.executable, me, "client", scenario, srv.ip])
-                if r.returncode:
-                    raise SystemExit(r.stderr)
-            print(path, path.stat().st_size)
+            with record_pcap(node, OUT / f"{scenario}.pcapng", "inbound and tcp"):
+                run_or_exit(cli, [sys.executable, me, "client", scenario, srv.ip], scenario)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 
 GATEWAY = "169.254.1.1"
@@ -266,3 +267,24 @@ def capture_to_file(node: Node, path: str, bpf: str = "inbound") -> Iterator[Non
         err = seen + err
         if proc.returncode not in (0, -signal.SIGINT):
             raise NetnsError(f"dumpcap failed ({proc.returncode}): {err.decode(errors='replace')}")
+
+
+@contextlib.contextmanager
+def record_pcap(node: Node, path: Path, bpf: str) -> Iterator[None]:
+    """For the tests/data/record_*.py scripts: a fresh ``path`` captured while
+    the block runs, made world-readable and its size printed after, and a
+    pause before the next one."""
+    path.unlink(missing_ok=True)
+    with capture_to_file(node, str(path), bpf):
+        yield
+    path.chmod(0o644)
+    print(path, path.stat().st_size)
+    time.sleep(0.2)
+
+
+def run_or_exit(pod: Pod, argv: Sequence[str], what: str) -> str:
+    """``pod.run`` for the recording scripts: its stdout, or exit with its stderr."""
+    r = pod.run(argv)
+    if r.returncode:
+        raise SystemExit(f"{what}: {r.stderr}")
+    return r.stdout

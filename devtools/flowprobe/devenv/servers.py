@@ -1,5 +1,5 @@
-"""Real servers started inside pod namespaces: Debian's redis-server and PostgreSQL,
-flowprobe's test HTTP app and a small authoritative DNS server."""
+"""Real servers started inside pod namespaces: Debian's redis-server, PostgreSQL and
+MariaDB, flowprobe's test HTTP app and a small authoritative DNS server."""
 
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def _pg_bin(name: str) -> str:
     return found[-1]
 
 
-def start_postgres(pod: Pod, workdir: Path, port: int = 5432) -> None:
-    """A throwaway cluster owned by the postgres user, trusting connections from the pods."""
+def start_postgres(pod: Pod, workdir: Path, port: int = 5432, password: str | None = None) -> None:
+    """A throwaway cluster owned by the postgres user. Connections from the pods
+    are trusted, or with ``password`` must log in as postgres with SCRAM-SHA-256."""
     data = workdir / "pgdata"
     workdir.mkdir(parents=True, exist_ok=True)
     # The postgres user must be able to reach its data dir through our temp dirs.
@@ -61,6 +62,14 @@ def start_postgres(pod: Pod, workdir: Path, port: int = 5432) -> None:
             break
         parent.chmod(parent.stat().st_mode | 0o011)
     shutil.chown(workdir, "postgres", "postgres")
+    auth = ["-A", "trust"]
+    host_auth = "trust"
+    if password is not None:
+        pwfile = workdir / "pw"
+        pwfile.write_text(password + "\n")
+        shutil.chown(pwfile, "postgres", "postgres")
+        host_auth = "scram-sha-256"
+        auth = ["--auth-local=trust", f"--auth-host={host_auth}", f"--pwfile={pwfile}"]
     subprocess.run(
         [
             "runuser",
@@ -70,16 +79,15 @@ def start_postgres(pod: Pod, workdir: Path, port: int = 5432) -> None:
             _pg_bin("initdb"),
             "-D",
             str(data),
-            "-A",
-            "trust",
             "-U",
             "postgres",
+            *auth,
         ],
         check=True,
         capture_output=True,
     )
     with open(data / "pg_hba.conf", "a") as f:
-        f.write("host all all 0.0.0.0/0 trust\n")
+        f.write(f"host all all 0.0.0.0/0 {host_auth}\n")
     pod.spawn(
         [
             "runuser",
@@ -103,6 +111,49 @@ def start_postgres(pod: Pod, workdir: Path, port: int = 5432) -> None:
         log_path=str(workdir / "postgres.log"),
     )
     pod.wait_port(port, timeout=60)
+
+
+def start_mariadb(pod: Pod, workdir: Path, port: int = 3306, init_sql: str = "") -> None:
+    """A throwaway MariaDB with TLS off, run as root; ``init_sql`` is run as
+    root over the local socket once it listens (users, grants, databases)."""
+    data = workdir / "data"
+    sock = workdir / "mysqld.sock"
+    workdir.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [
+            "mariadb-install-db",
+            "--no-defaults",
+            "--user=root",
+            f"--datadir={data}",
+            "--auth-root-authentication-method=normal",
+            "--skip-test-db",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    pod.spawn(
+        [
+            "mariadbd",
+            "--no-defaults",
+            "--user=root",
+            f"--datadir={data}",
+            f"--socket={sock}",
+            f"--pid-file={workdir / 'mysqld.pid'}",
+            f"--bind-address={pod.ip}",
+            f"--port={port}",
+            "--skip-ssl",
+            "--skip-name-resolve",
+            "--innodb-buffer-pool-size=16M",
+            "--innodb-log-file-size=4M",
+            f"--log-error={workdir / 'mysqld.log'}",
+        ],
+    )
+    pod.wait_port(port, timeout=60)
+    if init_sql:
+        pod.run(
+            ["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root", "-e", init_sql],
+            check=True,
+        )
 
 
 DNS_SERVER = r"""

@@ -6,33 +6,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
 from flowprobe.devenv.backends import LocalBackends, attributes_of, spans_of
 from tests.agent.helpers import DATA
-from tests.backends.conftest import local_backends  # noqa: F401 - the fixture
+from tests.backends.conftest import (
+    local_backends,  # noqa: F401 - the fixture
+    poll,
+)
 
 pytestmark = [pytest.mark.backends, pytest.mark.capture]
 
-T = TypeVar("T")
 SPAN_KIND_SERVER = (2, "SPAN_KIND_SERVER")
 SPAN_KIND_CLIENT = (3, "SPAN_KIND_CLIENT")
-
-
-def poll(fetch: Callable[[], T], ok: Callable[[T], bool], timeout: float = 60.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = fetch()
-        if ok(value) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.5)
 
 
 def test_replayed_http_pcaps_reach_jaeger_and_prometheus(

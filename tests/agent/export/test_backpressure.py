@@ -15,6 +15,7 @@ from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.sessionize.stats import Stats
 from tests.agent.export.fakes import FakeGrpcReceiver, FakeHttpReceiver, closed_port, exchange
+from tests.operator.clusterkit import wait_until
 
 PROTOCOLS = ["grpc", "http/protobuf"]
 
@@ -33,11 +34,8 @@ def telemetry(endpoint: str, protocol: str, live: bool = False, **cfg: object) -
     return Telemetry(config, Stats(), spans, metrics, wall_clock_release=live).start()
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.02)
+def wait_for(cond: Callable[[], bool], what: str) -> None:
+    wait_until(cond, what, timeout=20, interval=0.02)
 
 
 def accounted(tel: Telemetry, submitted: int) -> None:
@@ -72,7 +70,7 @@ def test_unreachable_backend_never_blocks_and_memory_stays_bounded(protocol: str
     # shows submit() never waited on the exporter.
     assert elapsed < 60, elapsed
     assert late - early < 8 * 1024 * 1024, (early, late)
-    wait_for(lambda: tel.counters.export_failures["traces"] >= 1)
+    wait_for(lambda: tel.counters.export_failures["traces"] >= 1, "a failed trace export")
     t = time.monotonic()
     tel.close(timeout_s=3)
     assert time.monotonic() - t < 12
@@ -95,15 +93,18 @@ def test_export_resumes_when_the_backend_comes_back_and_reports_the_drops(
     try:
         for i in range(50):
             tel.submit(exchange(start_us=1_700_000_000_000_000 + i * 1000))
-        wait_for(lambda: tel.counters.spans_dropped["export_failed"] >= 100)
+        wait_for(lambda: tel.counters.spans_dropped["export_failed"] >= 100, "100 spans dropped")
         assert "span export failed" in caplog.text
         rx = FakeGrpcReceiver(port) if protocol == "grpc" else FakeHttpReceiver(port)
         dropped = sum(tel.counters.spans_dropped.values())
         for i in range(50):
             tel.submit(exchange(start_us=1_700_000_100_000_000 + i * 1000))
-        wait_for(lambda: tel.counters.spans_exported >= 100)
+        wait_for(lambda: tel.counters.spans_exported >= 100, "100 spans exported")
         # Metrics are cumulative: the drops made while it was down arrive now.
-        wait_for(lambda: "flowprobe.agent.spans.dropped" in rx.received.metric_names())
+        wait_for(
+            lambda: "flowprobe.agent.spans.dropped" in rx.received.metric_names(),
+            "the dropped-spans metric",
+        )
         tel.close(timeout_s=10)
     finally:
         if rx is not None:
@@ -123,7 +124,7 @@ def test_slow_backend_fills_the_span_queue_not_the_capture() -> None:
         for ex in exs:
             tel.submit(ex)
         assert time.monotonic() - started < 5
-        wait_for(lambda: tel.counters.spans_exported > 0)
+        wait_for(lambda: tel.counters.spans_exported > 0, "a span exported")
         tel.close(timeout_s=2)
     finally:
         rx.stop()

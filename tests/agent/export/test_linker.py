@@ -43,6 +43,17 @@ def parent_of(s: ReadableSpan) -> int | None:
     return s.parent.span_id if s.parent is not None else None
 
 
+def redis_call(client: tuple[str, int], start_us: int, end_us: int, op: str = "GET") -> Exchange:
+    return exchange(
+        "redis",
+        client=client,
+        server=(REDIS, 6379),
+        start_us=start_us,
+        end_us=end_us,
+        attrs={"db.operation.name": op},
+    )
+
+
 def call_tree() -> list[Exchange]:
     """frontend -> api (100 ms); meanwhile api -> postgres, then api -> cart -> redis.
 
@@ -57,14 +68,7 @@ def call_tree() -> list[Exchange]:
             end_us=T0 + 50 * MS,
             attrs={"db.operation.name": "SELECT", "db.collection.name": "orders"},
         ),
-        exchange(
-            "redis",
-            client=(CART, 42000),
-            server=(REDIS, 6379),
-            start_us=T0 + 60 * MS,
-            end_us=T0 + 80 * MS,
-            attrs={"db.operation.name": "GET"},
-        ),
+        redis_call((CART, 42000), T0 + 60 * MS, T0 + 80 * MS),
         exchange(
             client=(API, 41002), server=(CART, 8080), start_us=T0 + 55 * MS, end_us=T0 + 90 * MS
         ),
@@ -98,14 +102,7 @@ def test_downstream_calls_in_flight_become_children_of_the_served_request() -> N
 
 def test_two_requests_in_flight_make_the_call_ambiguous_so_it_is_not_linked() -> None:
     exs = [
-        exchange(
-            "redis",
-            client=(API, 41000),
-            server=(REDIS, 6379),
-            start_us=T0 + 10 * MS,
-            end_us=T0 + 20 * MS,
-            attrs={"db.operation.name": "GET"},
-        ),
+        redis_call((API, 41000), T0 + 10 * MS, T0 + 20 * MS),
         exchange(client=(FRONTEND, 40000), server=(API, 8080), start_us=T0, end_us=T0 + 30 * MS),
         exchange(
             client=(FRONTEND, 40001), server=(API, 8080), start_us=T0 + 5 * MS, end_us=T0 + 40 * MS
@@ -119,25 +116,11 @@ def test_two_requests_in_flight_make_the_call_ambiguous_so_it_is_not_linked() ->
 
 
 def test_a_call_outside_the_request_or_past_the_window_is_not_linked() -> None:
-    before = exchange(
-        "redis",
-        client=(API, 41000),
-        server=(REDIS, 6379),
-        start_us=T0 - 5 * MS,
-        end_us=T0 + 5 * MS,
-        attrs={"db.operation.name": "GET"},
-    )
+    before = redis_call((API, 41000), T0 - 5 * MS, T0 + 5 * MS)
     parent = exchange(
         client=(FRONTEND, 40000), server=(API, 8080), start_us=T0, end_us=T0 + 3_000 * MS
     )
-    inside = exchange(
-        "redis",
-        client=(API, 41001),
-        server=(REDIS, 6379),
-        start_us=T0 + 10 * MS,
-        end_us=T0 + 20 * MS,
-        attrs={"db.operation.name": "SET"},
-    )
+    inside = redis_call((API, 41001), T0 + 10 * MS, T0 + 20 * MS, "SET")
     # The parent ends 2.98 s after the call inside it: beyond the 2 s window.
     spans, _, _ = run_telemetry([before, inside, parent])
     assert all(s.parent is None for s in spans if s.kind is SpanKind.CLIENT)
@@ -159,16 +142,7 @@ def test_a_long_run_of_sequential_requests_links_every_call() -> None:
     n = 3 * Linker.SCAN_LIMIT
     for k in range(n):
         t = T0 + k * 10 * MS
-        exs.append(
-            exchange(
-                "redis",
-                client=(API, 41000),
-                server=(REDIS, 6379),
-                start_us=t + 2 * MS,
-                end_us=t + 3 * MS,
-                attrs={"db.operation.name": "GET"},
-            )
-        )
+        exs.append(redis_call((API, 41000), t + 2 * MS, t + 3 * MS))
         exs.append(
             exchange(client=(FRONTEND, 40000), server=(API, 8080), start_us=t, end_us=t + 5 * MS)
         )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import urllib.request
 
 import pytest
@@ -14,7 +12,7 @@ from flowprobe.agent.export.selfmetrics import DEFINITIONS, ExportCounters, Self
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.sessionize.stats import Stats
 from tests.agent.export.fakes import FakeHttpReceiver, closed_port, exchange
-from tests.agent.helpers import DATA
+from tests.agent.helpers import DATA, agent
 
 
 def scrape(url: str) -> str:
@@ -79,15 +77,6 @@ def test_telemetry_serves_metrics_while_the_backend_is_down() -> None:
         assert 'flowprobe_agent_queue_capacity{queue="exchanges"} 8192.0' in text
     finally:
         tel.close(timeout_s=3)
-
-
-def agent(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "flowprobe.agent", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.mark.capture

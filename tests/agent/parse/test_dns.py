@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.config import AgentConfig
 from flowprobe.agent.parse.dns import FIELDS, DnsParser, rcode_name, rr_types
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.devenv.pcapgen import ACK, PSH
+from tests.agent import helpers
 from tests.agent.helpers import DATA, close, conn, handshake, read_pcap, run_pcap, write
 
 DNS = DATA / "dns"
@@ -123,18 +123,15 @@ def test_dns_ports_are_decoded_over_udp_and_tcp() -> None:
 # -- hand-made columns ------------------------------------------------------
 
 
+LAYOUT = helpers.layout(FIELDS)
+
+
 def _cols(**values: str) -> list[str]:
-    layout = ColumnLayout.build(FIELDS)
-    cols = [""] * len(layout.fields)
-    for name, value in values.items():
-        cols[layout.index(name.replace("__", "."))] = value
-    return cols
+    return helpers.columns(FIELDS, **values)
 
 
 def _parser() -> DnsParser:
-    p = DnsParser()
-    p.bind(ColumnLayout.build(FIELDS))
-    return p
+    return helpers.bound(DnsParser())
 
 
 QUERY = "Message is a query"
@@ -210,13 +207,13 @@ def test_retransmitted_query_is_one_lookup_and_duplicate_answer_is_dropped() -> 
     )
     assert len(p.parse(q, True, state)) == 1
     again = list(q)
-    again[ColumnLayout.build(FIELDS).index("dns.retransmission")] = "True"
+    again[LAYOUT.index("dns.retransmission")] = "True"
     assert p.parse(again, True, state) == []
     resp = _cols(dns__id="0x0007", dns__flags__response=RESPONSE, dns__flags__rcode="No error")
     (r,) = p.parse(resp, False, state)
     assert r.attrs["flowprobe.dns.retries"] == 1
     dup = list(resp)
-    dup[ColumnLayout.build(FIELDS).index("dns.retransmission")] = "True"
+    dup[LAYOUT.index("dns.retransmission")] = "True"
     assert p.parse(dup, False, state) == []
 
 
@@ -260,7 +257,7 @@ def test_odd_columns_never_raise_anything_unexpected() -> None:
     for _ in range(3000):
         cols = [
             "".join(rnd.choice(alphabet) for _ in range(rnd.randrange(0, 12)))
-            for _ in range(len(ColumnLayout.build(FIELDS).fields))
+            for _ in range(len(LAYOUT.fields))
         ]
         with contextlib.suppress(ValueError, IndexError, KeyError):
             p.parse(cols, rnd.choice([True, False, None]), {})
@@ -269,12 +266,11 @@ def test_odd_columns_never_raise_anything_unexpected() -> None:
 def test_retry_memory_is_bounded() -> None:
     p = _parser()
     state: dict[str, object] = {}
-    layout = ColumnLayout.build(FIELDS)
     for qid in range(1000):
         cols = _cols(
             dns__id=hex(qid), dns__flags__response=QUERY, dns__qry__name="x", dns__qry__type="A"
         )
-        cols[layout.index("dns.retransmission")] = "True"
+        cols[LAYOUT.index("dns.retransmission")] = "True"
         p.parse(cols, True, state)
     retries = state["dns.retries"]
     assert isinstance(retries, dict) and len(retries) <= 256

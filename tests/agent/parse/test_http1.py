@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.http1 import FIELDS, Http1Parser
 from flowprobe.devenv.pcapgen import ACK, PSH
+from tests.agent import helpers
 from tests.agent.helpers import DATA, REQ, RESP, close, conn, handshake, read_pcap, write
 
 HTTP = DATA / "http"
@@ -106,17 +106,11 @@ def test_requests_without_response_are_reported_not_dropped() -> None:
 
 
 def _cols(**values: str) -> list[str]:
-    layout = ColumnLayout.build(FIELDS)
-    cols = [""] * len(layout.fields)
-    for name, value in values.items():
-        cols[layout.index(name.replace("__", "."))] = value
-    return cols
+    return helpers.columns(FIELDS, **values)
 
 
 def _parser() -> Http1Parser:
-    p = Http1Parser()
-    p.bind(ColumnLayout.build(FIELDS))
-    return p
+    return helpers.bound(Http1Parser())
 
 
 def test_uri_with_commas_is_kept_whole_for_a_single_request() -> None:

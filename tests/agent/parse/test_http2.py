@@ -26,6 +26,7 @@ from flowprobe.agent.parse.http2 import (
 from flowprobe.agent.parse.messages import L7Message
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.devenv.pcapgen import ACK, PSH
+from tests.agent import helpers
 from tests.agent.helpers import DATA, close, conn, handshake, read_pcap, run_pcap, write
 
 GRPC = DATA / "grpc"
@@ -232,9 +233,8 @@ def test_default_grpc_port_needs_no_configuration() -> None:
 
 # -- hand-made columns --------------------------------------------------------
 
-PARSER = Http2Parser()
-LAYOUT = ColumnLayout.build(PARSER.fields)
-PARSER.bind(LAYOUT)
+PARSER = helpers.bound(Http2Parser())
+LAYOUT = helpers.layout(PARSER.fields)
 
 Frame = tuple[int, str, int, int]  # stream id, type, flags, length
 Block = Sequence[tuple[str, str]]
@@ -257,7 +257,7 @@ def row(
     counts: Sequence[int] | None = None,
     **extra: str,
 ) -> list[str]:
-    cols = [""] * len(LAYOUT.fields)
+    cols = helpers.columns(PARSER.fields, **extra)
 
     def put(field: str, items: Sequence[object]) -> None:
         cols[LAYOUT.index(field)] = ",".join(str(x) for x in items)
@@ -278,8 +278,6 @@ def row(
         ("content-type", "http2.headers.content_type"),
     ):
         put(field, [v for n, v in headers if n == name])
-    for field, value in extra.items():
-        cols[LAYOUT.index(field.replace("__", "."))] = value
     return cols
 
 

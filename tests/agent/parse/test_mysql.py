@@ -12,47 +12,21 @@ from typing import Any
 
 import pytest
 
-from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.messages import L7Message
 from flowprobe.agent.parse.mysql import FIELDS, MysqlParser
 from flowprobe.devenv.pcapgen import ACK, PSH
+from tests.agent import helpers
 from tests.agent.helpers import DATA, close, conn, handshake, read_pcap, run_pcap, write
 
 MY = DATA / "mysql"
 CLIENT, SERVER = "10.252.2.1", "10.252.2.2"
 
 
-def _summary(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [
-        (
-            r.get("db.operation.name"),
-            r.get("db.query.text"),
-            r["flowprobe.outcome"],
-            r.get("flowprobe.db.rows"),
-            r.get("flowprobe.db.affected_rows"),
-            r.get("db.response.status_code"),
-        )
-        for r in records
-    ]
+_summary = helpers.db_summary
 
 
 def _check_common(records: list[dict[str, Any]], port: int = 3306) -> None:
-    for r in records:
-        assert r["flowprobe.protocol"] == "mysql"
-        assert r["db.system.name"] == "mysql"
-        assert r["db.namespace"] == "shop"
-        assert (r["client.address"], r["server.address"], r["server.port"]) == (
-            CLIENT,
-            SERVER,
-            port,
-        )
-        assert r["flowprobe.duration_us"] > 0
-        assert r["flowprobe.server_response_time_us"] >= 0
-        assert r["flowprobe.response.packets"] >= 1
-        if r["flowprobe.outcome"] == "error":
-            assert r["error.type"] == r["db.response.status_code"]
-        else:
-            assert "error.type" not in r
+    helpers.check_db_records(records, "mysql", "shop", (CLIENT, SERVER), port)
 
 
 CONNECT = ("connect", None, "ok", None, None, None)
@@ -191,27 +165,16 @@ def test_raw_query_text_keeps_literals_when_asked() -> None:
 # -- the parser on hand-made columns ------------------------------------------
 
 
-def _parse(
-    p: MysqlParser, cols: list[str], to_server: bool | None, state: dict[str, object]
-) -> list[L7Message]:
-    """The parser's messages that take part in exchanges (not mere boundary marks)."""
-    return [m for m in p.parse(cols, to_server, state) if not getattr(m, "control", False)]
-
-
-LAYOUT = ColumnLayout.build(FIELDS)
+_parse = helpers.exchange_messages
+LAYOUT = helpers.layout(FIELDS)
 
 
 def _parser() -> MysqlParser:
-    p = MysqlParser()
-    p.bind(LAYOUT)
-    return p
+    return helpers.bound(MysqlParser())
 
 
 def _cols(**values: str) -> list[str]:
-    cols = [""] * len(LAYOUT.fields)
-    for key, value in values.items():
-        cols[LAYOUT.index("mysql." + key.replace("__", "."))] = value
-    return cols
+    return helpers.columns(FIELDS, "mysql.", **values)
 
 
 def _seqs(a: int, b: int) -> str:

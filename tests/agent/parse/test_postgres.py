@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.messages import L7Message
 from flowprobe.agent.parse.postgres import (
     FIELDS,
@@ -24,44 +23,18 @@ from flowprobe.agent.parse.postgres import (
     statement_attrs,
 )
 from flowprobe.devenv.pcapgen import ACK, PSH
+from tests.agent import helpers
 from tests.agent.helpers import DATA, close, conn, handshake, read_pcap, run_pcap, write
 
 PG = DATA / "postgres"
 CLIENT, SERVER = "10.252.1.1", "10.252.1.2"
 
 
-def _summary(records: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [
-        (
-            r.get("db.operation.name"),
-            r.get("db.query.text"),
-            r["flowprobe.outcome"],
-            r.get("flowprobe.db.rows"),
-            r.get("flowprobe.db.affected_rows"),
-            r.get("db.response.status_code"),
-        )
-        for r in records
-    ]
+_summary = helpers.db_summary
 
 
 def _check_common(records: list[dict[str, Any]], port: int = 5432) -> None:
-    for r in records:
-        assert r["flowprobe.protocol"] == "postgresql"
-        assert r["db.system.name"] == "postgresql"
-        assert r["db.namespace"] == "postgres"
-        assert (r["client.address"], r["server.address"], r["server.port"]) == (
-            CLIENT,
-            SERVER,
-            port,
-        )
-        assert r["flowprobe.duration_us"] > 0
-        assert r["start_time_unix_us"] < r["end_time_unix_us"]
-        assert r["flowprobe.server_response_time_us"] >= 0
-        assert r["flowprobe.response.packets"] >= 1
-        if r["flowprobe.outcome"] == "error":
-            assert r["error.type"] == r["db.response.status_code"]
-        else:
-            assert "error.type" not in r
+    helpers.check_db_records(records, "postgresql", "postgres", (CLIENT, SERVER), port)
 
 
 @pytest.mark.capture
@@ -236,27 +209,16 @@ def test_authentication_and_bare_syncs_do_not_stretch_the_next_exchange() -> Non
 # -- the parser on hand-made columns ------------------------------------------
 
 
-def _parse(
-    p: PostgresParser, cols: list[str], to_server: bool | None, state: dict[str, object]
-) -> list[L7Message]:
-    """The parser's messages that take part in exchanges (not mere boundary marks)."""
-    return [m for m in p.parse(cols, to_server, state) if not getattr(m, "control", False)]
-
-
-LAYOUT = ColumnLayout.build(FIELDS)
+_parse = helpers.exchange_messages
+LAYOUT = helpers.layout(FIELDS)
 
 
 def _parser(raw: bool = False) -> PostgresParser:
-    p = PostgresParser(raw_query_text=raw)
-    p.bind(LAYOUT)
-    return p
+    return helpers.bound(PostgresParser(raw_query_text=raw))
 
 
 def _cols(**values: str) -> list[str]:
-    cols = [""] * len(LAYOUT.fields)
-    for key, value in values.items():
-        cols[LAYOUT.index("pgsql." + key)] = value
-    return cols
+    return helpers.columns(FIELDS, "pgsql.", **values)
 
 
 def _msg(kind: str, sql: str) -> tuple[str, str]:

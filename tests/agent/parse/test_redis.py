@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from flowprobe.agent.capture.columns import ColumnLayout
 from flowprobe.agent.parse.messages import L7Message
 from flowprobe.agent.parse.redis import FIELDS, Outstanding, RedisParser, decode_value
 from flowprobe.devenv.pcapgen import ACK, PSH
+from tests.agent import helpers
 from tests.agent.helpers import DATA, close, conn, handshake, read_pcap, run_pcap, write
 
 REDIS = DATA / "redis"
@@ -187,18 +187,15 @@ def hx(*values: str | bytes) -> str:
     return ",".join((v if isinstance(v, bytes) else v.encode()).hex() for v in values)
 
 
+LAYOUT = helpers.layout(FIELDS)
+
+
 def _cols(**values: str) -> list[str]:
-    layout = ColumnLayout.build(FIELDS)
-    cols = [""] * len(layout.fields)
-    for name, value in values.items():
-        cols[layout.index(name.replace("__", "."))] = value
-    return cols
+    return helpers.columns(FIELDS, **values)
 
 
 def _parser(raw: bool = False) -> RedisParser:
-    p = RedisParser(raw_query_text=raw)
-    p.bind(ColumnLayout.build(FIELDS))
-    return p
+    return helpers.bound(RedisParser(raw_query_text=raw))
 
 
 def _command(*args: str | bytes) -> dict[str, str]:
@@ -230,15 +227,14 @@ def test_pipelined_commands_and_the_partial_last_one() -> None:
     cols = _pipeline(("SET", "a", "1"), ("GET", "a"), ("DEL", "a", "b"))
     # The last array is cut after its first bulk string: tshark flags it and
     # dissects it again, whole, on a later packet.
-    layout = ColumnLayout.build(FIELDS)
-    cols[layout.index("resp.array.length")] += ",3"
-    cols[layout.index("resp.bulk_string.length")] += ",3"
-    cols[layout.index("resp.bulk_string.value")] += "," + hx("SET")
-    cols[layout.index("resp.reassembled_in_next_frame")] = "✓"
+    cols[LAYOUT.index("resp.array.length")] += ",3"
+    cols[LAYOUT.index("resp.bulk_string.length")] += ",3"
+    cols[LAYOUT.index("resp.bulk_string.value")] += "," + hx("SET")
+    cols[LAYOUT.index("resp.reassembled_in_next_frame")] = "✓"
     assert _texts(p.parse(cols, True, state)) == ["SET a ?", "GET a", "DEL a ?"]
     # An array header alone at the end of a packet carries no flag.
     cols = _pipeline(("PING",))
-    cols[layout.index("resp.array.length")] += ",2"
+    cols[LAYOUT.index("resp.array.length")] += ",2"
     assert _texts(p.parse(cols, True, state)) == ["PING"]
     conn = state["redis"]
     assert isinstance(conn, Outstanding) and list(conn.commands) == [1, 1, 1, 1]
@@ -271,8 +267,7 @@ def test_long_keys_are_marked_cut_and_secrets_never_leave() -> None:
 def test_values_beyond_the_column_cap_are_counted_without_names() -> None:
     commands = [("SET", f"key:{i:03d}", "v" * 40) for i in range(40)]
     cols = _pipeline(*commands)
-    layout = ColumnLayout.build(FIELDS)
-    i_val = layout.index("resp.bulk_string.value")
+    i_val = LAYOUT.index("resp.bulk_string.value")
     cols[i_val] = cols[i_val][:2047]  # tshark stops at 2047 characters
     messages = _parser().parse(cols, True, {})
     assert len(messages) == 40
@@ -282,14 +277,13 @@ def test_values_beyond_the_column_cap_are_counted_without_names() -> None:
 
 
 def test_capped_length_column_falls_back_to_the_partial_flag() -> None:
-    layout = ColumnLayout.build(FIELDS)
     cols = _pipeline(*[("GET", "k")] * 700)
-    assert len(cols[layout.index("resp.bulk_string.length")]) > 2047
-    cols[layout.index("resp.bulk_string.length")] = cols[layout.index("resp.bulk_string.length")][
+    assert len(cols[LAYOUT.index("resp.bulk_string.length")]) > 2047
+    cols[LAYOUT.index("resp.bulk_string.length")] = cols[LAYOUT.index("resp.bulk_string.length")][
         :2047
     ]
     assert len(_parser().parse(cols, True, {})) == 700
-    cols[layout.index("resp.reassembled_in_next_frame")] = "✓"
+    cols[LAYOUT.index("resp.reassembled_in_next_frame")] = "✓"
     assert len(_parser().parse(cols, True, {})) == 699
 
 
@@ -418,7 +412,7 @@ def test_no_side_no_messages_and_odd_input_never_raises_unexpected() -> None:
         p.parse(_cols(resp__array__length="x"), True, {})
     rnd = random.Random(6379)
     alphabet = "0123456789-,abcdefOK ERR✓…"
-    n = len(ColumnLayout.build(FIELDS).fields)
+    n = len(LAYOUT.fields)
     state: dict[str, object] = {}
     for _ in range(5000):
         cols = [

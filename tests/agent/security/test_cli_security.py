@@ -9,8 +9,7 @@ import pytest
 
 from flowprobe.devenv.pcapgen import ACK, PSH
 from tests.agent.export.fakes import FakeGrpcReceiver, attrs
-from tests.agent.helpers import close, conn, handshake, write
-from tests.agent.test_cli import agent
+from tests.agent.helpers import agent, close, conn, handshake, write
 
 pytestmark = pytest.mark.capture
 

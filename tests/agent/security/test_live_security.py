@@ -8,8 +8,6 @@ values that should have been masked.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import pytest
 
 from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.servers import start_http, start_postgres
+from tests.agent.helpers import stop_agent
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
 
@@ -71,61 +70,14 @@ for raw in reqs:
     s.close()
 """
 
-AGENT = [sys.executable, "-m", "flowprobe.agent", "capture", "-i", "any", "-f", "inbound and tcp"]
-# The agent's own /metrics, inside the node namespace.
-METRICS_PORT = 9464
-PACKETS = r"""
-import re, sys, urllib.request
-try:
-    text = urllib.request.urlopen(sys.argv[1], timeout=2).read().decode()
-except OSError:
-    text = ""
-m = re.search(r"^flowprobe_agent_packets_total (\S+)", text, re.M)
-print(float(m.group(1)) if m else 0.0)
-"""
-PROBE = r"""
-import http.client, sys
-c = http.client.HTTPConnection(sys.argv[1], 8080, timeout=5)
-c.request("GET", "/warmup"); c.getresponse().read()
-"""
 
-
-def _agent(
-    node: Node, client: Pod, server_ip: str, out: Path, spans: Path, flags: Sequence[str]
-) -> subprocess.Popen[bytes]:
-    """The agent, once it demonstrably captures: loading the CRS and starting
-    dumpcap take seconds on a busy machine, and nothing else says when it is done."""
-    agent = node.spawn_node(
-        [
-            *AGENT,
-            "--output",
-            str(out),
-            "--console-spans",
-            "--metrics-port",
-            str(METRICS_PORT),
-            *flags,
-        ],
+def _agent(node: Node, out: Path, spans: Path, flags: Sequence[str]) -> subprocess.Popen[bytes]:
+    """The agent, once it says it captures (the CRS is loaded before that); spans on stdout."""
+    return node.spawn_agent(
+        ["-i", "any", "-f", "inbound and tcp", "--output", str(out), "--console-spans", *flags],
+        timeout=120,
         stdout=spans.open("wb"),
-        stderr=subprocess.PIPE,
     )
-    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
-    for _ in range(120):
-        client.run([sys.executable, "-c", PROBE, server_ip])
-        seen = subprocess.run(
-            node.node_cmd([sys.executable, "-c", PACKETS, url]), capture_output=True, text=True
-        )
-        if float(seen.stdout.strip() or 0) > 0:
-            return agent
-        assert agent.poll() is None, agent.communicate()[1].decode()
-        time.sleep(0.5)
-    raise AssertionError("the agent never captured a packet")
-
-
-def _stop(agent: subprocess.Popen[bytes]) -> str:
-    os.killpg(agent.pid, signal.SIGINT)
-    _, err = agent.communicate(timeout=120)
-    assert agent.returncode == 0, err.decode()
-    return err.decode()
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
@@ -136,21 +88,13 @@ def _events(rec: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return [e for e in rec.get("flowprobe.security.events", []) if e["name"] == name]
 
 
-@pytest.fixture
-def waf_pods() -> Iterator[tuple[Node, str, Pod]]:
-    with Node(subnet="10.254.6.0/24") as node:
-        client = node.add_pod("client")
-        api = node.add_pod("api")
-        start_http(api, 8080)
-        yield node, api.ip, client
-
-
 def test_attacks_set_off_their_crs_family_and_benign_traffic_nothing(
-    waf_pods: tuple[Node, str, Pod], tmp_path: Path
+    http_pods: tuple[Node, Pod, Pod], tmp_path: Path
 ) -> None:
-    node, api_ip, client = waf_pods
+    node, client, api = http_pods
+    api_ip = api.ip
     out, spans = tmp_path / "x.jsonl", tmp_path / "spans.jsonl"
-    agent = _agent(node, client, api_ip, out, spans, ["--waf"])
+    agent = _agent(node, out, spans, ["--waf"])
     raw = [req.decode("latin-1") for _, req in ATTACKS.values()]
     r = client.run([sys.executable, "-c", SEND, api_ip], input=json.dumps(raw))
     assert r.returncode == 0, r.stderr
@@ -170,7 +114,7 @@ def test_attacks_set_off_their_crs_family_and_benign_traffic_nothing(
     )
     assert r.returncode == 0, r.stderr
     time.sleep(1.0)
-    _stop(agent)
+    stop_agent(agent)
     records = _records(out)
     by_path = {
         rec["url.path"]: rec for rec in records if not rec["url.path"].startswith("/orders/")
@@ -264,13 +208,13 @@ def test_sensitive_records_detected_on_their_edges_masked_and_linked(
 ) -> None:
     node, frontend, api, pg = ddr_pods
     out, spans = tmp_path / "x.jsonl", tmp_path / "spans.jsonl"
-    agent = _agent(node, frontend, api.ip, out, spans, ["--ddr", "--waf"])
+    agent = _agent(node, out, spans, ["--ddr", "--waf"])
     r = frontend.run(
         [sys.executable, "-c", FRONTEND, api.ip, json.dumps(CUSTOMERS), json.dumps(LOOK_ALIKES)]
     )
     assert r.returncode == 0, r.stderr
     time.sleep(3.0)
-    _stop(agent)
+    stop_agent(agent)
     records = _records(out)
     every = {"card", "iban", "national_id", "email", "phone"}
 
