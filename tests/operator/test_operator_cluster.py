@@ -77,11 +77,18 @@ class Env:
     def wait_condition(
         self, name: str, type_: str, status: str, reason: str, timeout: float = 90
     ) -> None:
-        wait_until(
-            lambda: self.conditions(name).get(type_) == (status, reason),
-            f"{name}: {type_}={status} ({reason}); operator log:\n{self.operator.log_text()[-3000:]}",
-            timeout=timeout,
-        )
+        try:
+            wait_until(
+                lambda: self.conditions(name).get(type_) == (status, reason),
+                f"{name}: {type_}={status} ({reason})",
+                timeout=timeout,
+            )
+        except AssertionError as exc:
+            status_now = self.policy(name).get("status")
+            raise AssertionError(
+                f"{exc}\nstatus now: {json.dumps(status_now, indent=1)}\n"
+                f"operator log:\n{self.operator.log_text()[-3000:]}"
+            ) from None
 
     def agent_objects(self) -> dict[str, list[dict[str, Any]]]:
         out = {}
