@@ -13,7 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from flowprobe.agent.capture.rotate import DEFAULT_TSHARK_RSS_LIMIT, RotatingCapture
+from flowprobe.agent.capture.rotate import (
+    DEFAULT_TSHARK_RSS_LIMIT,
+    STOP_DRAIN_S,
+    RotatingCapture,
+)
 from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools, read_sharded
 from flowprobe.agent.config import ALL_PROTOCOLS, AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.export import otlp
@@ -429,9 +433,10 @@ def _capture(
     stop = threading.Event()
 
     def _interrupt(_sig: int, _frame: object) -> None:
-        # Stop dumpcap; tshark then drains its pipe and the loop ends cleanly.
+        # Stop dumpcap once tshark has read what it captured up to now; tshark
+        # then drains its pipe and the loop ends cleanly.
         stop.set()
-        threading.Thread(target=live.stop, daemon=True).start()
+        threading.Thread(target=live.stop, args=(STOP_DRAIN_S,), daemon=True).start()
 
     previous = signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)

@@ -5,8 +5,9 @@ or went, a policy changed) needs a new capture. The new one is started
 while the old one still runs; once dumpcap says it is capturing, the
 handover instant ``T`` is taken: the old capture keeps only exchanges that
 started before ``T``, the new one only those from ``T`` on, and the old one
-lingers ``linger_s`` to finish exchanges in flight. Nothing is lost or
-counted twice unless an exchange straddles ``T`` and outlasts the linger.
+lingers ``linger_s`` to finish exchanges in flight, then until its tshark
+has read the packets up to that moment. Nothing is lost or counted twice
+unless an exchange straddles ``T`` and outlasts the linger.
 Each capture has its own pipeline (the parsers and ports may differ).
 """
 
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from flowprobe.agent.capture.rotate import RotatingCapture
+from flowprobe.agent.capture.rotate import HANDOVER_MAX_S, STOP_DRAIN_S, RotatingCapture
 from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools
 from flowprobe.agent.config import AgentConfig, PayloadConfig
 from flowprobe.agent.enrich.policy import CaptureScope
@@ -80,8 +81,8 @@ class _Generation:
     def error(self) -> str | None:
         return self.live.error()
 
-    def stop(self) -> None:
-        self.live.stop()
+    def stop(self, drain_s: float = 0.0) -> None:
+        self.live.stop(drain_s)
         self.thread.join(15)
         self.stats.tshark_rotations += self.live.rotations
         counts = self.live.capture_counts()
@@ -183,6 +184,8 @@ class CaptureSwitcher:
     def _retire(self, gen: _Generation) -> None:
         def later() -> None:
             time.sleep(self.linger_s)
+            end_us = (gen.hi_us or now_us()) + int(self.linger_s * 1_000_000)
+            gen.live.wait_caught_up(end_us, HANDOVER_MAX_S)
             gen.stop()
 
         threading.Thread(target=later, name="flowprobe-capture-retire", daemon=True).start()
@@ -199,6 +202,7 @@ class CaptureSwitcher:
         return self.current is not None and self.current.live.alive()
 
     def stop(self) -> None:
+        """Stop capturing once the packets captured so far have been read."""
         if self.current is not None:
-            self.current.stop()
+            self.current.stop(STOP_DRAIN_S)
             self.current = None
