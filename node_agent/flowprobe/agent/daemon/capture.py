@@ -63,6 +63,8 @@ class _Generation:
                 tools, interfaces, options, bpf=scope.bpf, start_tshark=start_tshark
             )
         )
+        self._stop_lock = threading.Lock()
+        self._stopped = False
         self.thread = threading.Thread(target=self._run, name="flowprobe-capture", daemon=True)
         self.thread.start()
 
@@ -82,6 +84,10 @@ class _Generation:
         return self.live.error()
 
     def stop(self, drain_s: float = 0.0) -> None:
+        with self._stop_lock:
+            if self._stopped:
+                return  # retired and shut down at once: counted once
+            self._stopped = True
         self.live.stop(drain_s)
         self.thread.join(15)
         self.stats.tshark_rotations += self.live.rotations
@@ -120,6 +126,7 @@ class CaptureSwitcher:
         self.retry_s = 30.0
         self._failed: CaptureScope | None = None
         self._retry_at = 0.0
+        self._retiring: set[_Generation] = set()
 
     @property
     def scope(self) -> CaptureScope | None:
@@ -182,11 +189,14 @@ class CaptureSwitcher:
         self._retry_at = time.monotonic() + self.retry_s
 
     def _retire(self, gen: _Generation) -> None:
+        self._retiring.add(gen)
+
         def later() -> None:
             time.sleep(self.linger_s)
             end_us = (gen.hi_us or now_us()) + int(self.linger_s * 1_000_000)
             gen.live.wait_caught_up(end_us, HANDOVER_MAX_S)
             gen.stop()
+            self._retiring.discard(gen)
 
         threading.Thread(target=later, name="flowprobe-capture-retire", daemon=True).start()
 
@@ -206,3 +216,6 @@ class CaptureSwitcher:
         if self.current is not None:
             self.current.stop(STOP_DRAIN_S)
             self.current = None
+        # Captures still lingering after a switch would outlive the agent.
+        for gen in list(self._retiring):
+            gen.stop()
