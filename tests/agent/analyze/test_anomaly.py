@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flowprobe.agent.analyze.anomaly import Baselines, Kind, Transition, p95_seconds, bucket
+from flowprobe.agent.analyze.anomaly import Baselines, Kind, Transition, bucket, p95_seconds
 from flowprobe.agent.config import AnomalyConfig
 
 S = 1_000_000

@@ -130,6 +130,15 @@ class Analyzer:
         if self.alerts is not None:
             self.alerts.close()
 
+    def totals(self) -> dict[str, int]:
+        """Alerts raised, edges and top-N members not tracked (bounds hit), analysis errors."""
+        return {
+            "alerts": self.alerted,
+            "untracked_edges": self.baselines.untracked,
+            "untracked_members": sum(t.overflow for t in self.top.values()),
+            "errors": self.errors,
+        }
+
     # -- process thread ---------------------------------------------------
 
     def observe(self, ex: Exchange, client: Workload | None, server: Workload | None) -> None:
