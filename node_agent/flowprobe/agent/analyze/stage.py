@@ -8,8 +8,8 @@ The analyzer is an observer of :class:`~flowprobe.agent.export.telemetry.Telemet
 it runs where both ends of an exchange are already resolved to workloads
 and before the exchange's spans are built, so the span event of an alert
 lands on the span of the exchange that raised it. Only the top-N windows are
-shared with the metric thread (under a lock); the baselines belong to the
-process thread.
+shared with the metric thread; one lock guards all state, so the daemon can
+close an analyzer while its sink still drains.
 
 Exported cardinality is bounded by construction: per metric, at most
 ``top_n`` points per dimension (the current members, each with its rank);
@@ -126,7 +126,8 @@ class Analyzer:
 
     def close(self) -> None:
         """Report the storms still open (after the last exchange was observed)."""
-        self._emit(self.baselines.stop(), None, None)
+        with self._lock:
+            self._emit(self.baselines.stop(), None, None)
         if self.alerts is not None:
             self.alerts.close()
 
@@ -158,32 +159,33 @@ class Analyzer:
             ex.protocol,
         )
         failed = error_of(ex, ex.attrs, client=False) is not None
-        if self.top:
-            f = ex.figures
-            figures = (
-                1,
-                1 if failed else 0,
-                f.client_bytes + f.server_bytes,
-                ex.duration_us,
-                f.retransmits,
-                1 if f.rst or ex.outcome is Outcome.RESET else 0,
-            )
-            with self._lock:
+        with self._lock:
+            if self.top:
+                f = ex.figures
+                figures = (
+                    1,
+                    1 if failed else 0,
+                    f.client_bytes + f.server_bytes,
+                    ex.duration_us,
+                    f.retransmits,
+                    1 if f.rst or ex.outcome is Outcome.RESET else 0,
+                )
                 self._last_us = max(self._last_us, at)
                 for dim, member in zip(
                     DIMENSIONS, (ex.endpoints.client_address, edge[0], edge[1]), strict=True
                 ):
                     self.top[dim].add(at, member, figures)
-        transitions = self.baselines.observe(at, edge, ex.duration_us, failed)
-        if transitions:
-            self._emit(transitions, ex, edge)
-        pending = self._pending.pop(edge, None) if self._pending else None
+            transitions = self.baselines.observe(at, edge, ex.duration_us, failed)
+            if transitions:
+                self._emit(transitions, ex, edge)
+            pending = self._pending.pop(edge, None) if self._pending else None
         if pending:
             ex.security_events.extend((ex.start_us, ANOMALY, a) for a in pending)
 
     def tick(self, now_us: int) -> None:
         if self.live:
-            self._emit(self.baselines.advance(now_us - _GRACE_US), None, None)
+            with self._lock:
+                self._emit(self.baselines.advance(now_us - _GRACE_US), None, None)
 
     def _emit(
         self, transitions: list[Transition], ex: Exchange | None, edge: EdgeKey | None
