@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -77,16 +76,6 @@ def _pcap(path: Path) -> Path:
     return path
 
 
-def _logs(receiver: FakeGrpcReceiver) -> list[tuple[str, dict[str, Any]]]:
-    got = receiver.received
-    with got.lock:
-        return [
-            (lr.event_name, attrs(lr.attributes))
-            for req in got.logs for rl in req.resource_logs for sl in rl.scope_logs
-            for lr in sl.log_records
-        ]  # fmt: skip
-
-
 def test_a_shifted_edge_alerts_once_per_measure_on_pcap_time(tmp_path: Path) -> None:
     receiver = FakeGrpcReceiver()
     try:
@@ -101,7 +90,7 @@ def test_a_shifted_edge_alerts_once_per_measure_on_pcap_time(tmp_path: Path) -> 
             *FLAGS,
         )
         assert r.returncode == 0, r.stderr
-        logs = _logs(receiver)
+        logs = receiver.received.log_records()
         alerts = [a for name, a in logs if name == "flowprobe.anomaly"]
         assert {(a["flowprobe.client.service"], a["flowprobe.anomaly.kind"]) for a in alerts} == {
             ("shifted", "error_ratio"),
