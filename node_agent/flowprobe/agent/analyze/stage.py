@@ -49,7 +49,11 @@ ANOMALY_ALERTS = Instrument(
     "Anomaly alerts (an edge leaving its baseline) per edge and kind.",
 )
 # Who is ranked: the client's address, the client's and the server's workload.
-DIMENSIONS = ("client.address", "client.workload", "server.workload")
+CLIENT_ADDRESS, CLIENT_WORKLOAD, SERVER_WORKLOAD = DIMENSIONS = (
+    "client.address",
+    "client.workload",
+    "server.workload",
+)
 
 
 @dataclass(frozen=True)
@@ -170,11 +174,12 @@ class Analyzer:
                     f.retransmits,
                     1 if f.rst or ex.outcome is Outcome.RESET else 0,
                 )
-                self._last_us = max(self._last_us, at)
-                for dim, member in zip(
-                    DIMENSIONS, (ex.endpoints.client_address, edge[0], edge[1]), strict=True
-                ):
-                    self.top[dim].add(at, member, figures)
+                if at > self._last_us:
+                    self._last_us = at
+                top = self.top
+                top[CLIENT_ADDRESS].add(at, ex.endpoints.client_address, figures)
+                top[CLIENT_WORKLOAD].add(at, edge[0], figures)
+                top[SERVER_WORKLOAD].add(at, edge[1], figures)
             transitions = self.baselines.observe(at, edge, ex.duration_us, failed)
             if transitions:
                 self._emit(transitions, ex, edge)
