@@ -137,6 +137,7 @@ def test_policy_to_jaeger_with_churn_policy_changes_and_apiserver_restart(
                 "protocols": ["HTTP"],
                 "export": {"otlp": {"endpoint": backends.otlp_grpc}},
                 "agent": {"nodeSelector": {"flowprobe-e2e": tid}},
+                "anomalies": {"mode": "Detect", "topN": {"size": 5}},
             },
         }
         # A second policy that selects nothing here keeps the agents (and
@@ -196,6 +197,16 @@ def test_policy_to_jaeger_with_churn_policy_changes_and_apiserver_restart(
         # Unselected pods: absent.
         services = backends.jaeger_services()
         assert "other" not in services and "other-client" not in services, services
+        # spec.anomalies: the daemon ranks what it exports (top-N gauges, docs/anomalies.md).
+        top = (
+            'flowprobe_top_requests{flowprobe_top_dimension="server.workload", '
+            'flowprobe_top_member="web"}'
+        )
+        wait_until(
+            lambda: bool(backends.prom_query(top)),
+            f"top-N gauges in Prometheus; agent log:\n{an.log_text()[-3000:]}",
+            timeout=90,
+        )
 
         # -- policy change: add Redis and the cache ---------------------------
         policy["spec"]["protocols"] = ["HTTP", "Redis"]

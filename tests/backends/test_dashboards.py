@@ -63,6 +63,8 @@ def test_queries_name_only_metrics_the_pipeline_produces() -> None:
         r"|db_client_operation_duration_seconds|dns_lookup_duration_seconds"
         r"|flowprobe_edge_(duration|rtt)_seconds)_(bucket|sum|count)"
         r"|flowprobe_edge_(exchanges|errors|bytes|retransmits)_total"
+        r"|flowprobe_top_(requests|errors|bytes|latency_seconds|retransmits|resets)"
+        r"|flowprobe_anomaly_alerts_total"
         r"|flowprobe_agent_\w+|process_(resident_memory_bytes|cpu_seconds_total)"
         r"|otelcol_\w+"
     )

@@ -56,6 +56,20 @@ def test_security_settings_reach_the_agents_only_when_set() -> None:
     assert CompiledPolicySet.from_json(comp.policy_set.to_json()) == comp.policy_set
 
 
+def test_anomaly_settings_reach_the_agents_only_when_on() -> None:
+    anomalies = {"mode": "Detect", "baseline": {"intervalSeconds": 5}}
+    off = {"mode": "Off", "topN": {"size": 3}}
+    comp = _compile(
+        policy_body("web", spec=_spec(anomalies=off)),
+        policy_body("api", spec=_spec(anomalies=anomalies)),
+    )
+    entries = {p.name: p for p in comp.policy_set.policies}
+    assert entries["web"].anomalies is None
+    api = entries["api"].anomalies
+    assert api is not None and api.baseline.interval_seconds == 5 and api.top_n.size == 10
+    assert CompiledPolicySet.from_json(comp.policy_set.to_json()) == comp.policy_set
+
+
 def test_without_any_export_endpoint_the_policy_is_not_applied() -> None:
     config = make_config(defaultExport=None)
     comp = _compile(policy_body("web"), config=config)

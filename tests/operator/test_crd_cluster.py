@@ -156,6 +156,14 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
         {**OK, "security": {"sensitiveData": {"mode": "Detect", "categories": ["DNA"]}}},
         'Unsupported value: "DNA"',
     ),
+    "top-N above 50": (
+        {**OK, "anomalies": {"mode": "Detect", "topN": {"size": 51}}},
+        "spec.anomalies.topN.size in body should be less than or equal to 50",
+    ),
+    "unknown anomalies mode": (
+        {**OK, "anomalies": {"mode": "Block"}},
+        'Unsupported value: "Block": supported values: "Off", "Detect"',
+    ),
     "duplicate redaction rule": (
         {
             **OK,
@@ -193,6 +201,11 @@ def test_defaults_are_filled_in_and_columns_printed(crds: LocalCluster) -> None:
         assert spec["security"]["waf"]["mode"] == "Off"
         assert spec["security"]["waf"]["excludedRules"] == ["920350"]
         assert spec["security"]["sensitiveData"] == {"mode": "Off"}
+        anomalies = spec["anomalies"]
+        assert anomalies["mode"] == "Off" and anomalies["quietIntervals"] == 3
+        assert anomalies["topN"] == {"size": 10, "windowSeconds": 60}
+        assert anomalies["baseline"]["intervalSeconds"] == 10
+        assert anomalies["thresholds"]["rateChangePercent"] == 300
         header = crds.kubectl("get", "pp", "crd-defaults").stdout.splitlines()[0].split()
         assert header == ["NAME", "READY", "NODES", "PODS", "AGE"]
         # The category lists it next to other flowprobe kinds.

@@ -296,6 +296,71 @@ def _server_calls(sel: str, by: str, *, failed: bool = False, status: bool = Fal
     return f"sum by ({by}) ({http} or {rpc})"
 
 
+# What the agent's top-N gauges are called in Prometheus, per ranked metric.
+TOP_METRICS = {
+    "requests": "flowprobe_top_requests",
+    "errors": "flowprobe_top_errors",
+    "bytes": "flowprobe_top_bytes",
+    "mean latency (s)": "flowprobe_top_latency_seconds",
+    "retransmits": "flowprobe_top_retransmits",
+    "resets": "flowprobe_top_resets",
+}
+TOP_BY = "flowprobe_top_dimension, flowprobe_top_member"
+
+
+def _top(metric: str, sel: str = "") -> str:
+    # max: the same member may come from several agents (or a member that
+    # left the top N and has not expired yet in the collector).
+    return f"max by ({TOP_BY}) ({metric}{{{sel}}})"
+
+
+def _top_panels(exchanges: str) -> list[Panel]:
+    requests = _top(TOP_METRICS["requests"])
+    alerts = _rate("flowprobe_anomaly_alerts_total", EDGE_SEL, f"{EDGE}, flowprobe_anomaly_kind")
+    return [
+        Panel(
+            "Top talkers (current window)",
+            "table",
+            [
+                Query(_or_zero(_top(metric), requests), instant=True, fmt="table", ref=f"t{i}")
+                for i, metric in enumerate(TOP_METRICS.values())
+            ],
+            "The agent's top N client addresses (client.address) and workloads (client.workload, "
+            "server.workload) per metric over its sliding window (flowprobe.top.*: totals over "
+            "the window, latency its mean). A member that left the top N stays until the "
+            "collector expires it (metric_expiration); 0: not in that metric's top N.",
+            width=24,
+            extra=_table_rename(
+                {
+                    "flowprobe_top_dimension": "dimension",
+                    "flowprobe_top_member": "member",
+                    **{f"Value #t{i}": m for i, m in enumerate(TOP_METRICS)},
+                },
+                merge=True,
+            ),
+        ),
+        Panel(
+            "Top client workloads by requests",
+            "timeseries",
+            [
+                Query(
+                    _top(TOP_METRICS["requests"], 'flowprobe_top_dimension="client.workload"'),
+                    "{{flowprobe_top_member}}",
+                )
+            ],
+            "Exchanges over the agent's top-N window of the client workloads in its top N.",
+        ),
+        Panel(
+            "Anomaly alerts/s per edge",
+            "timeseries",
+            [Query(_or_zero(alerts, exchanges), f"{EDGE_LEGEND} {{{{flowprobe_anomaly_kind}}}}")],
+            "Edges leaving their baseline (flowprobe.anomaly.alerts, one per storm; the alerts "
+            "themselves are OTLP log records and span events: docs/anomalies.md). 0: none.",
+            unit="short",
+        ),
+    ]
+
+
 def service_map() -> Json:
     exchanges = _rate(_EX, EDGE_SEL, EDGE)
     errors = _rate(_ERR, EDGE_SEL, EDGE)
@@ -377,25 +442,17 @@ def service_map() -> Json:
             "Rate, error ratio and p95 duration per client → server edge. An edge error is the "
             "callee's verdict when it has a span (an HTTP 404 is not one), else the exchange's.",
             width=24,
-            extra={
-                "transformations": [
-                    {"id": "merge", "options": {}},
-                    {
-                        "id": "organize",
-                        "options": {
-                            "excludeByName": {"Time": True},
-                            "renameByName": {
-                                "flowprobe_client_service": "client",
-                                "flowprobe_server_service": "server",
-                                "flowprobe_protocol": "protocol",
-                                "Value #rate": "exchanges/s",
-                                "Value #errors": "error ratio",
-                                "Value #p95": "p95 (s)",
-                            },
-                        },
-                    },
-                ]
-            },
+            extra=_table_rename(
+                {
+                    "flowprobe_client_service": "client",
+                    "flowprobe_server_service": "server",
+                    "flowprobe_protocol": "protocol",
+                    "Value #rate": "exchanges/s",
+                    "Value #errors": "error ratio",
+                    "Value #p95": "p95 (s)",
+                },
+                merge=True,
+            ),
         ),
         "RED per edge",
         Panel(
@@ -439,6 +496,8 @@ def service_map() -> Json:
             "L7 payload per edge and direction (request / response), without TCP/IP headers.",
             unit="Bps",
         ),
+        "Top talkers and anomalies (spec.anomalies / --anomalies)",
+        *_top_panels(exchanges),
         "HTTP and gRPC per workload (semconv)",
         Panel(
             "Server requests/s by status",
@@ -636,13 +695,16 @@ def latency() -> Json:
     )
 
 
-def _table_rename(names: Mapping[str, str]) -> Json:
+def _table_rename(names: Mapping[str, str], merge: bool = False) -> Json:
+    """Grafana table transformations: rename the columns, drop Time; ``merge``: one row per
+    label set across the queries first."""
     return {
         "transformations": [
+            *([{"id": "merge", "options": {}}] if merge else []),
             {
                 "id": "organize",
                 "options": {"excludeByName": {"Time": True}, "renameByName": dict(names)},
-            }
+            },
         ]
     }
 

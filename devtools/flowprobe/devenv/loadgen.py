@@ -29,19 +29,27 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--dns-server")
     ap.add_argument("--dns", type=int, default=0)
-    ap.add_argument("--paths", default="/orders/{n}", help="path template; {n} is 0..999")
+    ap.add_argument(
+        "--paths",
+        default="/orders/{n}",
+        help="path template ({n} is 0..199), or several separated by commas, used in turn "
+        "on each connection (e.g. nine fine ones and /status/500 for a 10%% error ratio)",
+    )
     args = ap.parse_args()
     sent: Counter[str] = Counter()
     lock = threading.Lock()
     per_conn = args.requests // args.connections
+    templates = args.paths.split(",")
     interval = args.connections / args.rate
 
     def worker(seed: int) -> None:
         rnd = random.Random(seed)
         conn = http.client.HTTPConnection(args.target, args.port, timeout=10)
         next_t = time.monotonic()
-        for _ in range(per_conn):
-            path = args.paths.format(n=rnd.randrange(0, 200))
+        for i in range(per_conn):
+            # Offset per connection: an error path among the templates comes
+            # up on one connection at a time, not on all of them at once.
+            path = templates[(i + seed) % len(templates)].format(n=rnd.randrange(0, 200))
             conn.request("GET", path)
             resp = conn.getresponse()
             resp.read()

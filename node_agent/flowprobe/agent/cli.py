@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from flowprobe.agent.analyze import options as analyze_options
 from flowprobe.agent.capture.rotate import (
     DEFAULT_TSHARK_RSS_LIMIT,
     STOP_DRAIN_S,
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--verbose", "-v", action="store_true")
     _add_export_options(common)
     security_options.add_arguments(common)
+    analyze_options.add_arguments(common)
     rd = sub.add_parser("read", parents=[common], help="read pcap/pcapng files (gzip too)")
     rd.add_argument("files", nargs="+")
     rd.add_argument(
@@ -216,6 +218,7 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         ports={k: tuple(v) for k, v in ports.items()},
         export=export,
         security=security_options.from_args(args),
+        anomalies=analyze_options.from_args(args),
     )
 
 
@@ -302,6 +305,21 @@ def run(argv: Sequence[str] | None = None) -> int:
     except (otlp.OtlpConfigError, ValueError) as exc:
         print(f"flowprobe-agent: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    analyzer = None
+    if config.anomalies.enabled:
+        if telemetry is None:
+            print(
+                "flowprobe-agent: --anomalies needs --otlp-endpoint (or --console-spans)",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        try:
+            analyzer = analyze_options.attach(
+                config.anomalies, telemetry, live=args.command == "capture"
+            )
+        except otlp.OtlpConfigError as exc:
+            print(f"flowprobe-agent: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     out: BinaryIO
     to_stdout = args.output in (None, "-")
     out_file = None if to_stdout else open(args.output, "wb")  # noqa: SIM115
@@ -354,6 +372,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             stage.close()
         if telemetry is not None:
             telemetry.close()
+        if analyzer is not None:
+            analyzer.close()
         if self_metrics is not None:
             self_metrics.stop()
         writer.flush()
@@ -367,6 +387,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             report = stats.as_dict()
             if stage is not None:
                 report["security"] = stage.totals()
+            if analyzer is not None:
+                report["anomalies"] = analyzer.totals()
             Path(args.stats).write_text(json.dumps(report, indent=1) + "\n")
     return code
 

@@ -122,6 +122,39 @@ class SecurityConfig(_Model):
         return self.waf.enabled or self.ddr.enabled
 
 
+class AnomalyConfig(_Model):
+    """Top-N talkers and per-edge baselines with alerts (docs/anomalies.md); off by default.
+
+    Units are those of ProbePolicy ``spec.anomalies`` (whole percents and
+    milliseconds), so a policy maps onto this field by field.
+    """
+
+    enabled: bool = False
+    # Members reported per metric and dimension (0: no top-N).
+    top_n: int = Field(default=10, ge=0, le=50)
+    top_n_window_seconds: int = Field(default=60, ge=10, le=3600)
+    # Baselines: figures per edge per interval, smoothed over about
+    # span_intervals (EWMA, alpha = 2 / (span + 1)); no alert before
+    # warmup_intervals intervals.
+    interval_seconds: int = Field(default=10, ge=1, le=300)
+    span_intervals: int = Field(default=30, ge=2, le=1000)
+    warmup_intervals: int = Field(default=6, ge=1, le=1000)
+    # Error ratio and latency are judged only on intervals with this many exchanges.
+    min_exchanges: int = Field(default=20, ge=1, le=1_000_000)
+    # Error ratio above its baseline by this many percentage points.
+    error_ratio_increase_percent: int = Field(default=10, ge=1, le=100)
+    # p95 latency above its baseline by this percentage and by at least the milliseconds.
+    latency_increase_percent: int = Field(default=100, ge=1, le=10_000)
+    latency_min_increase_ms: int = Field(default=20, ge=0, le=600_000)
+    # Rate above baseline * (1 + p/100) or below baseline / (1 + p/100); 0: not judged.
+    rate_change_percent: int = Field(default=300, ge=0, le=10_000)
+    # An alert's storm ends after this many intervals back within the baseline.
+    quiet_intervals: int = Field(default=3, ge=1, le=1000)
+    max_edges: int = Field(default=10_000, ge=1, le=1_000_000)
+    # Members per dimension in one slot of the top-N window; beyond, counted.
+    max_members: int = Field(default=5000, ge=1, le=1_000_000)
+
+
 class AgentConfig(_Model):
     protocols: tuple[str, ...] = ALL_PROTOCOLS
     # Extra server ports per protocol, on top of each parser's defaults; tshark
@@ -136,3 +169,4 @@ class AgentConfig(_Model):
     session_reset_packets: int = Field(default=50_000, ge=10_000)
     export: ExportConfig = ExportConfig()
     security: SecurityConfig = SecurityConfig()
+    anomalies: AnomalyConfig = AnomalyConfig()

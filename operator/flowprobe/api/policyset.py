@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from flowprobe.api.v1alpha1 import (
+    AnomaliesSpec,
     Direction,
     LabelSelector,
     OtlpProtocol,
@@ -74,6 +75,8 @@ class CompiledPolicy(_Model):
     # Absent when the policy leaves security at its defaults (everything off).
     security: SecuritySpec | None = None
     export: CompiledExport
+    # Absent when the policy leaves anomalies off.
+    anomalies: AnomaliesSpec | None = None
 
     def applies_to_node(self, node_labels: dict[str, str]) -> bool:
         return all(node_labels.get(k) == v for k, v in self.node_selector.items())

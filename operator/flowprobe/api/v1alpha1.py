@@ -89,6 +89,11 @@ class SensitiveDataCategory(StrEnum):
     PASSWORD = "Password"
 
 
+class AnomalyMode(StrEnum):
+    OFF = "Off"
+    DETECT = "Detect"
+
+
 class OtlpProtocol(StrEnum):
     GRPC = "Grpc"
     HTTP_PROTOBUF = "HttpProtobuf"
@@ -354,6 +359,38 @@ class SecuritySpec(_Model):
     )
 
 
+# -- anomalies ------------------------------------------------------------------
+
+
+class TopNSpec(_Model):
+    size: Annotated[int, Field(ge=0, le=50)] = 10
+    window_seconds: Annotated[int, Field(ge=10, le=3600)] = 60
+
+
+class BaselineSpec(_Model):
+    interval_seconds: Annotated[int, Field(ge=1, le=300)] = 10
+    span_intervals: Annotated[int, Field(ge=2, le=1000)] = 30
+    warmup_intervals: Annotated[int, Field(ge=1, le=1000)] = 6
+    min_exchanges: Annotated[int, Field(ge=1, le=1_000_000)] = 20
+
+
+class AnomalyThresholds(_Model):
+    error_ratio_increase_percent: Annotated[int, Field(ge=1, le=100)] = 10
+    latency_increase_percent: Annotated[int, Field(ge=1, le=10_000)] = 100
+    latency_min_increase_milliseconds: Annotated[int, Field(ge=0, le=600_000)] = 20
+    rate_change_percent: Annotated[int, Field(ge=0, le=10_000)] = 300
+
+
+class AnomaliesSpec(_Model):
+    """Top-N talkers and per-edge baselines with alerts (docs/anomalies.md)."""
+
+    mode: AnomalyMode = AnomalyMode.OFF
+    top_n: TopNSpec = TopNSpec()
+    baseline: BaselineSpec = BaselineSpec()
+    thresholds: AnomalyThresholds = AnomalyThresholds()
+    quiet_intervals: Annotated[int, Field(ge=1, le=1000)] = 3
+
+
 # -- export ---------------------------------------------------------------------
 
 
@@ -476,6 +513,7 @@ class ProbePolicySpec(_Model):
     security: SecuritySpec = SecuritySpec()
     export: ExportSpec | None = None
     agent: AgentSpec | None = None
+    anomalies: AnomaliesSpec = AnomaliesSpec()
 
     @model_validator(mode="after")
     def _cross_field(self) -> Self:

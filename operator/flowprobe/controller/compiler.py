@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from flowprobe.api import constants
 from flowprobe.api.policyset import CompiledExport, CompiledPolicy, CompiledPolicySet
 from flowprobe.api.v1alpha1 import (
+    AnomalyMode,
     OtlpExport,
     ProbePolicy,
     Reason,
@@ -226,6 +227,7 @@ def _judge(pol: ProbePolicy, config: OperatorConfig, now: datetime.datetime) -> 
         redaction=pol.spec.redaction,
         security=pol.spec.security if pol.spec.security != SecuritySpec() else None,
         export=_compile_export(otlp, pol),
+        anomalies=pol.spec.anomalies if pol.spec.anomalies.mode != AnomalyMode.OFF else None,
     )
     return verdict
 

@@ -70,6 +70,15 @@ class Received:
                         out.extend((res, s) for s in ss.spans)
         return out
 
+    def log_records(self) -> list[tuple[str, dict[str, Any]]]:
+        """(event name, attributes) of every log record received."""
+        with self.lock:
+            return [
+                (lr.event_name, attrs(lr.attributes))
+                for req in self.logs for rl in req.resource_logs for sl in rl.scope_logs
+                for lr in sl.log_records
+            ]  # fmt: skip
+
     def metric_names(self) -> set[str]:
         with self.lock:
             return {

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flowprobe.agent.analyze.policies import PolicyAnalyzers
 from flowprobe.agent.capture.tshark import CaptureError, Tools
 from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.daemon.capture import CaptureSwitcher
@@ -152,6 +153,7 @@ class Daemon:
         self.stop_event = threading.Event()
         # Replaced, never mutated: the capture thread reads it without a lock.
         self.telemetry: dict[str, Telemetry] = {}
+        self.analyzers = PolicyAnalyzers()
         self.policy_set: CompiledPolicySet | None = None
         self.policy_error: str | None = None
         self._policy_text: str | None = None
@@ -213,6 +215,7 @@ class Daemon:
         for t in self.telemetry.values():
             t.close()
         self.telemetry = {}
+        self.analyzers.close()
         self.watcher.stop()
         self.health.stop()
 
@@ -263,6 +266,7 @@ class Daemon:
             self._active = ids
             self.engine.set_policies(active)
             self._sync_exports(active)
+            self.analyzers.sync(active, self.telemetry, _export_key)
             self._scope_generation = -1
         gen = self.index.generation
         if gen != self._scope_generation:

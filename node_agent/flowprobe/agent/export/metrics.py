@@ -266,6 +266,9 @@ class Metrics:
         self._edge_slots: dict[Key, _EdgeSlots] = {}
         self._self_start = time.time_ns()
         self._self_last: dict[tuple[str, Key], float] = {}
+        # Metrics made elsewhere (analyze/: top-N gauges) for the agent's
+        # resource, called with the collection time; replaced, never mutated.
+        self.collectors: list[Callable[[int], list[Metric]]] = []
 
     @property
     def workloads(self) -> int:
@@ -377,12 +380,16 @@ class Metrics:
         """Every workload's and the agent's metrics, as one OTLP request's worth."""
         now = time.time_ns()
         out: list[ResourceMetrics] = []
+        # Outside the lock: a collector has its own and may call count().
+        extra = [m for collect in self.collectors for m in collect(now)]
         with self._lock:
             self._edge_slots.clear()
             retired, self._retired = self._retired, []
             states = [*retired, *self._states.values(), self._agent]
             for state in states:
                 metrics = self._metrics(state, now)
+                if state is self._agent:
+                    metrics += extra
                 scopes = [ScopeMetrics(SCOPE, metrics, "")] if metrics else []
                 if state is self._agent:
                     own = self._self_metrics(now)

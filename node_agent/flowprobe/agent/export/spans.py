@@ -18,7 +18,7 @@ import hashlib
 import heapq
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,7 +216,7 @@ class SpanBuilder:
                     shared,
                     client,
                     events,
-                    self._error(ex, shared, client=True),
+                    error_of(ex, shared, client=True),
                 )
             )
         if node.server_span_id:
@@ -234,7 +234,7 @@ class SpanBuilder:
                     shared,
                     server,
                     events,
-                    self._error(ex, shared, client=False),
+                    error_of(ex, shared, client=False),
                 )
             )
         return spans
@@ -325,24 +325,23 @@ class SpanBuilder:
         )
         return f"{method} {route}", client, server
 
-    # -- status -----------------------------------------------------------
 
-    def _error(self, ex: Exchange, attrs: dict[str, Any], client: bool) -> str | None:
-        """error.type, or None when the span did not fail.
+def error_of(ex: Exchange, attrs: Mapping[str, Any], client: bool) -> str | None:
+    """error.type, or None when the exchange's client (server) span failed.
 
-        semconv: a SERVER span fails on 5xx, a CLIENT span on 4xx too; both on no answer.
-        """
-        error = ex.error_type
-        if ex.outcome in _FAILED:
-            return error or ex.outcome.value
-        if sc.RPC_SYSTEM in attrs and isinstance(attrs.get(sc.RPC_GRPC_STATUS_CODE), int):
-            code = int(attrs[sc.RPC_GRPC_STATUS_CODE])
-            failed = code != 0 if client else code in sc.GRPC_SERVER_ERROR_CODES
-            return grpc_code_name(code) if failed else None
-        if isinstance(attrs.get(sc.HTTP_RESPONSE_STATUS_CODE), int):
-            code = int(attrs[sc.HTTP_RESPONSE_STATUS_CODE])
-            return str(code) if code >= (400 if client else 500) else None
-        return error
+    semconv: a SERVER span fails on 5xx, a CLIENT span on 4xx too; both on no answer.
+    """
+    error = ex.error_type
+    if ex.outcome in _FAILED:
+        return error or ex.outcome.value
+    if sc.RPC_SYSTEM in attrs and isinstance(attrs.get(sc.RPC_GRPC_STATUS_CODE), int):
+        code = int(attrs[sc.RPC_GRPC_STATUS_CODE])
+        failed = code != 0 if client else code in sc.GRPC_SERVER_ERROR_CODES
+        return grpc_code_name(code) if failed else None
+    if isinstance(attrs.get(sc.HTTP_RESPONSE_STATUS_CODE), int):
+        code = int(attrs[sc.HTTP_RESPONSE_STATUS_CODE])
+        return str(code) if code >= (400 if client else 500) else None
+    return error
 
 
 def _status(error: str | None) -> bytes:

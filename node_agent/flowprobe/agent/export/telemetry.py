@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult
 from opentelemetry.sdk.resources import Resource
@@ -49,6 +50,17 @@ from flowprobe.agent.sessionize.stats import Stats
 log = logging.getLogger("flowprobe.agent")
 
 _IDLE_POLL_S = 0.05
+
+
+class ExchangeObserver(Protocol):
+    """Sees every exchange with both ends resolved, on the process thread, before its spans
+    are built (so it may add span events); analyze/ is one."""
+
+    def observe(self, ex: Exchange, client: Workload | None, server: Workload | None) -> None: ...
+
+    def tick(self, now_us: int) -> None:
+        """Wall time while no exchange comes (live capture only)."""
+        ...
 
 
 def agent_resource(service_name: str) -> Resource:
@@ -98,6 +110,8 @@ class Telemetry:
             preferred_temporality=temporality,
             self_samples=self.self_metrics.samples if config.self_metrics_otlp else None,
         )
+        # Replaced, never mutated: the process thread reads it without a lock.
+        self.observers: list[ExchangeObserver] = []
         self._inbound: deque[Exchange] = deque()
         self._spans: deque[tuple[Workload, bytes]] = deque()
         self._closing = threading.Event()
@@ -188,6 +202,9 @@ class Telemetry:
             if self._closing.is_set():
                 break
             self.linker.release(idle=self.wall_clock_release)
+            if self.wall_clock_release:
+                for observer in self.observers:
+                    observer.tick(time.time_ns() // 1000)
             self._closing.wait(_IDLE_POLL_S)
         self.linker.flush()
         self._processed.set()
@@ -196,6 +213,8 @@ class Telemetry:
         ep = ex.endpoints
         client_wl = self.resolver.client(ep.client_address, ex.start_us)
         server_wl = self.resolver.server(ep.server_address, ep.server_port, ex.start_us)
+        for observer in self.observers:
+            observer.observe(ex, client_wl, server_wl)
         node = self.factory.node(ex, client_wl, server_wl)
         if not node.top_span_id:
             self.counters.exchanges_dropped["unattributed"] += 1

@@ -1,4 +1,7 @@
-"""Security findings as OTLP log records, sent from their own thread through a bounded queue.
+"""Findings as OTLP log records, sent from their own thread through a bounded queue.
+
+Security findings (security/) and anomaly alerts (analyze/) both go out here,
+each with its own instrumentation scope.
 
 A rule hit or a first sighting of sensitive data is an event someone may be
 paged for, so it is a log record (severity, body, attributes) as well as a
@@ -21,6 +24,9 @@ from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportRes
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
+from flowprobe.agent.config import ExportConfig
+from flowprobe.agent.export import otlp
+from flowprobe.agent.export.telemetry import Telemetry, agent_resource
 from flowprobe.agent.parse.messages import AttrValue
 
 log = logging.getLogger("flowprobe.agent")
@@ -49,9 +55,11 @@ class Alerts:
         resource: Resource,
         queue_size: int = 4096,
         batch_size: int = 256,
+        scope: InstrumentationScope = SCOPE,
     ) -> None:
         self.exporter = exporter
         self.resource = resource
+        self.scope = scope
         self.queue_size = queue_size
         self.batch_size = batch_size
         self.counts: Counter[str] = Counter()
@@ -79,7 +87,7 @@ class Alerts:
             attributes=dict(attributes),
             event_name=event_name,
         )
-        self._queue.append(ReadableLogRecord(record, self.resource, SCOPE))
+        self._queue.append(ReadableLogRecord(record, self.resource, self.scope))
 
     def start(self) -> Alerts:
         self._thread.start()
@@ -113,10 +121,28 @@ class Alerts:
         if ok:
             self.counts["exported"] += len(batch)
             if self._failing:
-                log.warning("security alert export works again")
+                log.warning("%s: alert export works again", self.scope.name)
                 self._failing = False
             return
         if not self._failing:
-            log.warning("security alert export failed; dropping alerts until it works again")
+            log.warning(
+                "%s: alert export failed; dropping alerts until it works again", self.scope.name
+            )
             self._failing = True
         self.counts["export_failed"] += len(batch)
+
+
+def open_alerts(
+    export: ExportConfig, telemetry: Telemetry | None, scope: InstrumentationScope = SCOPE
+) -> Alerts | None:
+    """Started alerts to the configured OTLP logs endpoint, or None without one (or
+    with console spans); raises OtlpConfigError."""
+    settings = None if export.console_spans else otlp.resolve(export.otlp, "logs")
+    if settings is None:
+        return None
+    resource = (
+        telemetry.agent_resource
+        if telemetry is not None
+        else agent_resource(export.agent_service_name)
+    )
+    return Alerts(otlp.log_exporter(settings), resource, scope=scope).start()

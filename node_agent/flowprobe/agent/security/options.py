@@ -7,12 +7,11 @@ import re
 from collections.abc import Callable
 
 from flowprobe.agent.config import AgentConfig, DdrConfig, SecurityConfig, WafConfig
-from flowprobe.agent.export import otlp
 from flowprobe.agent.export.naming import RouteTable
-from flowprobe.agent.export.telemetry import Telemetry, agent_resource
+from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.export.workloads import AddressResolver
 from flowprobe.agent.security import ddr
-from flowprobe.agent.security.alerts import Alerts
+from flowprobe.agent.security.alerts import open_alerts
 from flowprobe.agent.security.ddr import CATEGORIES
 from flowprobe.agent.security.modsec import ModSecurity
 from flowprobe.agent.security.stage import SecurityStage
@@ -140,15 +139,7 @@ def build_stage(
     sec = config.security
     export = config.export
     waf = ModSecurity.with_crs(sec.waf, sec.body_max_bytes) if sec.waf.enabled else None
-    alerts = None
-    settings = None if export.console_spans else otlp.resolve(export.otlp, "logs")
-    if settings is not None:
-        resource = (
-            telemetry.agent_resource
-            if telemetry is not None
-            else agent_resource(export.agent_service_name)
-        )
-        alerts = Alerts(otlp.log_exporter(settings), resource).start()
+    alerts = open_alerts(export, telemetry)
     metrics = (
         telemetry.metrics
         if telemetry is not None and telemetry.metric_exporter is not None

@@ -103,8 +103,10 @@ class Exchange:
     # Events on the connection during the exchange (retransmits, zero windows,
     # resets) as (timestamp µs, name); the exporter turns them into span events.
     events: list[tuple[int, str]] = field(default_factory=list)
-    # Findings of the security stage (security/, off by default): (timestamp
-    # µs, name, attributes), span events with attributes; values are masked.
+    # Findings of the security stage (security/, off by default; values are
+    # masked) and anomaly alerts (analyze/, added on the export thread before
+    # the spans are built; a record written earlier may lack them):
+    # (timestamp µs, name, attributes), span events with attributes.
     security_events: list[tuple[int, str, dict[str, AttrValue]]] = field(default_factory=list)
 
     @property

@@ -1,0 +1,1 @@
+"""Traffic analysis on exchanges: top-N talkers and per-edge baselines with anomaly alerts."""
