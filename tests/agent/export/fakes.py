@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -97,8 +98,15 @@ def attrs(kvs: Any) -> dict[str, Any]:
 class FakeHttpReceiver:
     """OTLP/HTTP (protobuf) on 127.0.0.1: /v1/traces and /v1/metrics."""
 
-    def __init__(self, port: int = 0, delay_s: float = 0.0, refuse: tuple[int, ...] = ()) -> None:
-        """``refuse``: HTTP statuses answered to the first requests, one each, before any is read."""
+    def __init__(
+        self,
+        port: int = 0,
+        delay_s: float = 0.0,
+        refuse: tuple[int, ...] = (),
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``refuse``: HTTP statuses answered to the first requests, one each, before any is read;
+        ``tls``: serve HTTPS with this server context."""
         self.received = Received()
         received = self.received
         refusals = list(refuse)
@@ -142,13 +150,16 @@ class FakeHttpReceiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.shutdown()

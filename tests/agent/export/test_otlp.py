@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import ssl
 from pathlib import Path
 
 import grpc
@@ -191,9 +192,11 @@ def test_grpc_with_headers() -> None:
     assert "flowprobe.edge.exchanges" in rx.received.metric_names()
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, bytes, bytes]:
+def _self_signed(
+    tmp_path: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1")
+) -> tuple[Path, bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
@@ -204,9 +207,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, bytes, bytes]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([_san(n) for n in names]),
             critical=False,
         )
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
@@ -221,6 +222,13 @@ def _self_signed(tmp_path: Path) -> tuple[Path, bytes, bytes]:
     ca = tmp_path / "ca.pem"
     ca.write_bytes(cert_pem)
     return ca, cert_pem, key_pem
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
 
 
 def test_grpc_over_tls_verifies_the_backend_with_the_given_ca(tmp_path: Path) -> None:
@@ -241,3 +249,56 @@ def test_grpc_over_tls_verifies_the_backend_with_the_given_ca(tmp_path: Path) ->
         assert len(rx.received.spans()) == before
     finally:
         rx.stop()
+
+
+# The backend's certificate names only this; the agent dials 127.0.0.1.
+BACKEND_NAME = "otlp.backend.test"
+
+
+def _tls_cases(endpoint: str, ca: Path, protocol: str) -> dict[str, Telemetry]:
+    base = OtlpConfig(endpoint=endpoint, protocol=protocol, timeout_seconds=2)
+    configs = {
+        "ca only": base.model_copy(update={"certificate": str(ca)}),
+        "ca and serverName": base.model_copy(
+            update={"certificate": str(ca), "server_name": BACKEND_NAME}
+        ),
+        "insecureSkipVerify": base.model_copy(update={"insecure_skip_verify": True}),
+    }
+    return {k: _send(ExportConfig(otlp=c)) for k, c in configs.items()}
+
+
+def _assert_tls_cases(sent: dict[str, Telemetry]) -> None:
+    # The name differs from the dialled address: only with serverName, or
+    # without verification, does anything arrive.
+    assert sent["ca only"].counters.spans_exported == 0
+    assert sent["ca and serverName"].counters.spans_exported == 2
+    assert sent["insecureSkipVerify"].counters.spans_exported == 2
+
+
+def test_grpc_server_name_and_insecure_skip_verify(tmp_path: Path) -> None:
+    ca, cert_pem, key_pem = _self_signed(tmp_path, (BACKEND_NAME,))
+    rx = FakeGrpcReceiver(credentials=grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    try:
+        sent = _tls_cases(f"https://127.0.0.1:{rx.port}", ca, "grpc")
+    finally:
+        rx.stop()
+    _assert_tls_cases(sent)
+    assert len(rx.received.spans()) == 4
+    # The SDK's metric exporter gets the same settings.
+    assert "flowprobe.edge.exchanges" in rx.received.metric_names()
+
+
+def test_http_server_name_and_insecure_skip_verify(tmp_path: Path) -> None:
+    ca, cert_pem, key_pem = _self_signed(tmp_path, (BACKEND_NAME,))
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key_pem)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    rx = FakeHttpReceiver(tls=tls)
+    try:
+        sent = _tls_cases(rx.endpoint, ca, "http/protobuf")
+    finally:
+        rx.stop()
+    _assert_tls_cases(sent)
+    assert len(rx.received.spans()) == 4
+    assert "flowprobe.edge.exchanges" in rx.received.metric_names()

@@ -109,6 +109,8 @@ def export_config(export: CompiledExport) -> ExportConfig:
             headers=headers,
             certificate=export.ca_file,
             timeout_seconds=export.timeout_seconds,
+            server_name=export.server_name,
+            insecure_skip_verify=export.insecure_skip_verify,
         )
     )
 
