@@ -140,3 +140,6 @@ class AgentConfig(_Model):
     session_reset_packets: int = Field(default=50_000, ge=10_000)
     export: ExportConfig = ExportConfig()
     security: SecurityConfig = SecurityConfig()
+    # Tell connections that carry TLS (the agent cannot parse them): one more
+    # tshark column; Sinks.tls hears of each such connection once.
+    detect_tls: bool = False

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import ssl
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
     OTLPMetricExporter as HttpMetricExporter,
 )
@@ -23,7 +17,7 @@ from flowprobe.agent.export.otlp import OtlpConfigError, resolve
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.export.transport import GrpcSpanSender, HttpSpanSender
 from flowprobe.agent.sessionize.stats import Stats
-from tests.agent.export.fakes import FakeGrpcReceiver, FakeHttpReceiver, exchange
+from tests.agent.export.fakes import FakeGrpcReceiver, FakeHttpReceiver, exchange, self_signed
 
 
 def test_off_without_an_endpoint() -> None:
@@ -192,47 +186,8 @@ def test_grpc_with_headers() -> None:
     assert "flowprobe.edge.exchanges" in rx.received.metric_names()
 
 
-def _self_signed(
-    tmp_path: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1")
-) -> tuple[Path, bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([_san(n) for n in names]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    ca = tmp_path / "ca.pem"
-    ca.write_bytes(cert_pem)
-    return ca, cert_pem, key_pem
-
-
-def _san(name: str) -> x509.GeneralName:
-    try:
-        return x509.IPAddress(ipaddress.ip_address(name))
-    except ValueError:
-        return x509.DNSName(name)
-
-
 def test_grpc_over_tls_verifies_the_backend_with_the_given_ca(tmp_path: Path) -> None:
-    ca, cert_pem, key_pem = _self_signed(tmp_path)
+    ca, cert_pem, key_pem = self_signed(tmp_path)
     creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
     rx = FakeGrpcReceiver(credentials=creds)
     try:
@@ -276,7 +231,7 @@ def _assert_tls_cases(sent: dict[str, Telemetry]) -> None:
 
 
 def test_grpc_server_name_and_insecure_skip_verify(tmp_path: Path) -> None:
-    ca, cert_pem, key_pem = _self_signed(tmp_path, (BACKEND_NAME,))
+    ca, cert_pem, key_pem = self_signed(tmp_path, (BACKEND_NAME,))
     rx = FakeGrpcReceiver(credentials=grpc.ssl_server_credentials([(key_pem, cert_pem)]))
     try:
         sent = _tls_cases(f"https://127.0.0.1:{rx.port}", ca, "grpc")
@@ -289,7 +244,7 @@ def test_grpc_server_name_and_insecure_skip_verify(tmp_path: Path) -> None:
 
 
 def test_http_server_name_and_insecure_skip_verify(tmp_path: Path) -> None:
-    ca, cert_pem, key_pem = _self_signed(tmp_path, (BACKEND_NAME,))
+    ca, cert_pem, key_pem = self_signed(tmp_path, (BACKEND_NAME,))
     (tmp_path / "cert.pem").write_bytes(cert_pem)
     (tmp_path / "key.pem").write_bytes(key_pem)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)

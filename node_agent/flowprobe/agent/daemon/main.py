@@ -26,7 +26,7 @@ from typing import Any
 from flowprobe.agent.capture.tshark import CaptureError, Tools
 from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.daemon.capture import CaptureSwitcher
-from flowprobe.agent.daemon.report import HealthServer, LeaseReporter
+from flowprobe.agent.daemon.report import HealthServer, LeaseReporter, TlsSightings
 from flowprobe.agent.enrich.index import ClusterIndex
 from flowprobe.agent.enrich.kubeapi import KubeApi, load_configuration
 from flowprobe.agent.enrich.policy import NO_CAPTURE, CaptureScope, PolicyEngine
@@ -34,10 +34,10 @@ from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.agent.enrich.watch import Watcher, now_us
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
-from flowprobe.agent.sessionize.records import Exchange
+from flowprobe.agent.sessionize.records import Endpoints, Exchange
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.api import constants
-from flowprobe.api.agentreport import AgentNote, AgentReport
+from flowprobe.api.agentreport import MAX_REPORT_NOTES, AgentNote, AgentReport
 from flowprobe.api.policyset import CompiledExport, CompiledPolicy, CompiledPolicySet
 from flowprobe.api.v1alpha1 import NodeNoteType, OtlpProtocol
 
@@ -142,8 +142,14 @@ class Daemon:
         self.index = ClusterIndex()
         self.watcher = Watcher(api, self.index)
         self.engine = PolicyEngine(self.index, settings.node)
+        self.tls = TlsSightings()
         self.switcher = CaptureSwitcher(
-            tools, settings.interfaces, AgentConfig(), self.on_exchange, self.stats
+            tools,
+            settings.interfaces,
+            AgentConfig(),
+            self.on_exchange,
+            self.stats,
+            tls_sink=self.on_tls,
         )
         self.reporter = LeaseReporter(
             api, settings.namespace, settings.node, settings.pod, settings.report_interval_s
@@ -182,6 +188,15 @@ class Daemon:
             sink = telemetry.get(key)
             if sink is not None:
                 sink.submit(ex)
+
+    def on_tls(self, endpoints: Endpoints, ts_us: int) -> None:
+        try:
+            policies, where = self.engine.encrypted(endpoints, ts_us)
+        except Exception as exc:
+            self.stats.anomaly("enrichment_error", repr(exc))
+            return
+        if policies:
+            self.tls.add(policies, where, time.monotonic())
 
     # -- main loop --------------------------------------------------------
 
@@ -315,6 +330,7 @@ class Daemon:
                     message=self.switcher.error[:1000],
                 )
             )
+        notes += self.tls.notes(time.monotonic(), MAX_REPORT_NOTES - len(notes))
         checksum = self.policy_set.checksum() if self.policy_set is not None else ""
         return AgentReport(
             node=self.settings.node,

@@ -286,6 +286,19 @@ class PolicyEngine:
             c.per_policy[p.name] = c.per_policy.get(p.name, 0) + 1
         return sampled, choice.server, choice.client
 
+    def encrypted(self, ep: Endpoints, at_us: int) -> tuple[list[str], str]:
+        """For a connection carrying TLS: the policies that would export its
+        traffic from this node, and the connection as ``client -> server:port``."""
+        with self.index.lock:
+            choice = self._choose(ep, None, at_us)
+        if not choice.policies:
+            return [], ""
+        where = (
+            f"{_describe(choice.client, ep.client_address)} -> "
+            f"{_describe(choice.server, ep.server_address)}:{ep.server_port}"
+        )
+        return [p.name for p in choice.policies], where
+
     def _selected_remotely(self, server: Endpoint | None, port: int) -> bool:
         return server is not None and any(self._as_server(p, server, port) for p in self.policies)
 
@@ -386,6 +399,10 @@ class PolicyEngine:
             if parser:
                 decode.setdefault(parser, set()).add(number)
         return out
+
+
+def _describe(end: Endpoint | None, address: str) -> str:
+    return f"{end.pod.namespace}/{end.pod.name}" if end is not None else address
 
 
 def _bpf(hosts: dict[str, set[int] | None]) -> str:
