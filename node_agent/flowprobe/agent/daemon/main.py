@@ -168,8 +168,9 @@ class Daemon:
         self._scope_generation = -1
         self._scope: CaptureScope = NO_CAPTURE
         self._last_tick = time.monotonic()
-        self._rate = (time.monotonic(), 0)
+        self._rate: tuple[float, int, dict[str, int]] = (time.monotonic(), 0, {})
         self.exchanges_per_second = 0.0
+        self.policy_rates: dict[str, float] = {}
 
     # -- capture thread ---------------------------------------------------
 
@@ -315,11 +316,18 @@ class Daemon:
     # -- status -----------------------------------------------------------
 
     def _update_rate(self, now: float) -> None:
-        t0, n0 = self._rate
+        t0, n0, per0 = self._rate
         n = self.engine.counters.selected
+        per = dict(self.engine.counters.per_policy)
         if now > t0:
             self.exchanges_per_second = (n - n0) / (now - t0)
-        self._rate = (now, n)
+            active = {p.name for p in self.engine.policies}
+            self.policy_rates = {
+                name: round((count - per0.get(name, 0)) / (now - t0), 3)
+                for name, count in per.items()
+                if name in active
+            }
+        self._rate = (now, n, per)
 
     def report(self) -> AgentReport:
         notes: list[AgentNote] = []
@@ -340,6 +348,7 @@ class Daemon:
             interfaces=list(self.settings.interfaces) if self.switcher.alive() else [],
             exchanges_per_second=round(self.exchanges_per_second, 3),
             capture_drops=self.stats.capture_dropped,
+            policy_exchanges_per_second=self.policy_rates,
         )
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:
