@@ -3,7 +3,6 @@ agent's pipeline with TLS detection, attributed to the selecting policy and repo
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,32 +24,6 @@ pytestmark = [pytest.mark.capture, pytest.mark.netns]
 
 TLS_PORT, HTTP_PORT = 8443, 8080
 
-# A TLS server: one HTTP/1.0 answer per connection.
-TLS_SERVER = """
-import socket, ssl, sys
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(sys.argv[3], sys.argv[4])
-srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
-while True:
-    conn, _ = srv.accept()
-    try:
-        with ctx.wrap_socket(conn, server_side=True) as tls:
-            tls.recv(4096)
-            tls.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: 2\\r\\n\\r\\nok")
-    except OSError:
-        pass
-"""
-TLS_CLIENT = """
-import socket, ssl, sys
-ctx = ssl.create_default_context()
-ctx.check_hostname = False
-ctx.verify_mode = ssl.CERT_NONE
-with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10) as raw:
-    with ctx.wrap_socket(raw) as tls:
-        tls.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
-        print(tls.recv(4096).decode())
-"""
-
 
 def _cert(tmp_path: Path) -> tuple[Path, Path]:
     _, cert_pem, key_pem = self_signed(tmp_path, ("shop.test",))
@@ -66,12 +39,11 @@ def test_tls_on_a_selected_pod_is_reported_per_policy(tmp_path: Path) -> None:
     with Node() as node:
         web = node.add_pod("web")
         client = node.add_pod("client")
-        web.spawn([sys.executable, "-c", TLS_SERVER, web.ip, str(TLS_PORT), str(cert), str(key)])
+        servers.start_tls(web, cert, key, TLS_PORT)
         servers.start_http(web, HTTP_PORT)
-        web.wait_port(TLS_PORT)
         with capture_to_file(node, str(pcap), f"inbound and host {web.ip}"):
-            r = client.run([sys.executable, "-c", TLS_CLIENT, web.ip, str(TLS_PORT)])
-            assert "ok" in r.stdout, r.stderr
+            r = client.run(["curl", "-skf", f"https://{web.ip}:{TLS_PORT}/"])
+            assert r.returncode == 0, r.stderr
             r = client.run(["curl", "-sf", f"http://{web.ip}:{HTTP_PORT}/items/1"])
             assert r.returncode == 0, r.stderr
         web_ip, client_ip = web.ip, client.ip
