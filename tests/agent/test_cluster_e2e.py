@@ -23,8 +23,9 @@ from flowprobe.devenv.agentnode import AgentNode
 from flowprobe.devenv.backends import LocalBackends, attributes_of, spans_of
 from flowprobe.devenv.cluster import LocalCluster
 from flowprobe.devenv.netns import Pod
-from flowprobe.devenv.servers import start_http, start_redis
+from flowprobe.devenv.servers import start_http, start_redis, start_tls
 from tests.agent.enrich import kubekit as kk
+from tests.agent.export.fakes import self_signed
 from tests.operator.clusterkit import OperatorProcess, wait_until
 from tests.operator.conftest import crds  # noqa: F401 - the CRD fixture
 
@@ -299,6 +300,38 @@ def test_policy_to_jaeger_with_churn_policy_changes_and_apiserver_restart(
         assert report["configChecksum"]
         renewed = datetime.datetime.fromisoformat(lease["spec"]["renewTime"].replace("Z", "+00:00"))
         assert renewed > t2
+
+        # -- the report on the policy: per-node fields, then TLS it cannot read --
+        def status() -> dict[str, Any]:
+            pp = c.api("GET", f"/apis/{constants.API_VERSION}/{constants.PLURAL}/{shop.policy}")
+            return pp.get("status") or {}
+
+        wait_until(
+            lambda: any(
+                a["node"] == node and a["ready"] and a["interfaces"]
+                for a in status().get("agents", [])
+            ),
+            f"the node's report on the policy; status: {status()}",
+            timeout=60,
+        )
+        _, cert_pem, key_pem = self_signed(tmp_path, ("web.shop.test",))
+        (tmp_path / "tls.crt").write_bytes(cert_pem)
+        (tmp_path / "tls.key").write_bytes(key_pem)
+        start_tls(pods["web"], tmp_path / "tls.crt", tmp_path / "tls.key", 8443)
+
+        def tls_noted() -> bool:
+            r = pods["client"].run(["curl", "-skf", f"https://{ip['web']}:8443/"])
+            assert r.returncode == 0, r.stderr
+            return conditions().get("Degraded") == "TLSNotVisible"
+
+        wait_until(
+            tls_noted,
+            f"Degraded=TLSNotVisible; status: {status()}\nagent log:\n{an.log_text()[-2000:]}",
+            timeout=90,
+        )
+        (note,) = [n for n in status()["nodeNotes"] if n["type"] == "TLSNotVisible"]
+        assert note["node"] == node
+        assert f"{app}/client -> {app}/{web_pod}:8443" in note["message"]
 
         # -- delete the policy: capture stops ---------------------------------
         t_delete = time.monotonic()

@@ -383,7 +383,7 @@ def test_unrealisable_policies_say_why_in_status(env: Env) -> None:
     wait_until(env.gone, "agent objects removed")
 
 
-def _lease(env: Env, node: str, notes: list[dict[str, Any]]) -> dict[str, Any]:
+def _lease(env: Env, node: str, notes: list[dict[str, Any]], **report: Any) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return {
         "apiVersion": "coordination.k8s.io/v1",
@@ -393,7 +393,9 @@ def _lease(env: Env, node: str, notes: list[dict[str, Any]]) -> dict[str, Any]:
             "namespace": env.ns,
             "labels": {constants.LABEL_COMPONENT: constants.COMPONENT_AGENT_REPORT},
             "annotations": {
-                constants.ANNOTATION_AGENT_REPORT: json.dumps({"node": node, "notes": notes})
+                constants.ANNOTATION_AGENT_REPORT: json.dumps(
+                    {"node": node, "notes": notes, **report}
+                )
             },
         },
         "spec": {"holderIdentity": f"agent-{node}", "renewTime": now, "leaseDurationSeconds": 3600},
@@ -417,12 +419,37 @@ def test_agent_reports_become_node_notes(env: Env) -> None:
                 env,
                 second,
                 [{"type": "TLSNotVisible", "message": "port 443 is TLS", "policy": name}],
+                ready=True,
+                interfaces=["any"],
+                captureDrops=2,
+                policyExchangesPerSecond={name: 41.7},
             ),
         ]
         _apply_leases(env, leases)
         env.wait_condition(name, "Degraded", "True", "CaptureInterfaceMissing")
-        notes = {(n["node"], n["type"]) for n in env.policy(name)["status"]["nodeNotes"]}
+        status = env.policy(name)["status"]
+        notes = {(n["node"], n["type"]) for n in status["nodeNotes"]}
         assert notes == {(first, "CaptureInterfaceMissing"), (second, "TLSNotVisible")}
+        # The report fields survive the API server's schema (nothing pruned).
+        assert status["agents"] == [
+            {
+                "node": first,
+                "ready": False,
+                "interfaces": [],
+                "exchangesPerSecond": 0,
+                "captureDrops": 0,
+            },
+            {
+                "node": second,
+                "ready": True,
+                "interfaces": ["any"],
+                "exchangesPerSecond": 42,
+                "captureDrops": 2,
+            },
+        ]
+        assert (status["exchangesPerSecond"], status["captureDrops"]) == (42, 2)
+        wide = env.kubectl("get", "probepolicy", name, "-o", "wide")
+        assert "RATE" in wide and " 42 " in wide
 
         quiet = [_lease(env, first, []), _lease(env, second, [])]
         _apply_leases(env, quiet)

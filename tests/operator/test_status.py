@@ -223,3 +223,35 @@ def test_events_on_transitions() -> None:
     third = compute_status(bad, second, ready)
     kinds = [(e.type, e.reason) for e in transition_events(second.conditions, third.conditions)]
     assert ("Warning", "InvalidSpec") in kinds
+
+
+def test_agent_reports_are_shown_per_node_with_this_policys_rate() -> None:
+    verdict, checksum = _verdict()
+    reports = {
+        "n1": AgentReport(
+            node="n1",
+            ready=True,
+            interfaces=["any"],
+            exchanges_per_second=40.0,
+            capture_drops=3,
+            policy_exchanges_per_second={"web": 12.6, "other": 27.4},
+        ),
+        "n2": AgentReport(node="n2", ready=False),
+    }
+    # n3 has not reported: no entry (AgentNotReporting covers it after the grace).
+    obs = _rolled_out(checksum, "n2", "n1", "n3", reports=reports)
+    st = compute_status(verdict, ProbePolicyStatus(), obs)
+    assert [(a.node, a.ready, a.interfaces, a.exchanges_per_second) for a in st.agents] == [
+        ("n1", True, ["any"], 13),
+        ("n2", False, [], 0),
+    ]
+    assert (st.exchanges_per_second, st.capture_drops) == (13, 3)
+    api = st.to_api()
+    assert api["agents"][0] == {
+        "node": "n1",
+        "ready": True,
+        "interfaces": ["any"],
+        "exchangesPerSecond": 13,
+        "captureDrops": 3,
+    }
+    assert api["exchangesPerSecond"] == 13

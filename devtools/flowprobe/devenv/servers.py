@@ -1,5 +1,6 @@
 """Real servers started inside pod namespaces: Debian's redis-server, PostgreSQL and
-MariaDB, flowprobe's test HTTP app and a small authoritative DNS server."""
+MariaDB, flowprobe's test HTTP app, a small authoritative DNS server and OpenSSL's
+TLS test server."""
 
 from __future__ import annotations
 
@@ -18,6 +19,26 @@ def start_http(
     pod: Pod, port: int = 8080, app: str = "flowprobe.devenv.httpapp", *args: str
 ) -> None:
     pod.spawn([sys.executable, "-m", app, pod.ip, str(port), *args])
+    pod.wait_port(port)
+
+
+def start_tls(pod: Pod, cert: Path, key: Path, port: int = 8443) -> None:
+    """``openssl s_server``: TLS on ``port``, answering ``GET /`` with a status page
+    (``curl -k https://ip:port/``)."""
+    pod.spawn(
+        [
+            "openssl",
+            "s_server",
+            "-quiet",
+            "-accept",
+            f"{pod.ip}:{port}",
+            "-cert",
+            str(cert),
+            "-key",
+            str(key),
+            "-www",
+        ]
+    )
     pod.wait_port(port)
 
 

@@ -40,6 +40,10 @@ class OtlpConfig(_Model):
     client_key: str | None = None
     compression: Literal["gzip", "deflate", "none"] | None = None
     timeout_seconds: float | None = Field(default=None, gt=0, le=300)
+    # The name the backend's certificate must carry when it is not the
+    # endpoint's host; accept any certificate (still encrypted).
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
 
 
 class ExportConfig(_Model):
@@ -170,3 +174,6 @@ class AgentConfig(_Model):
     export: ExportConfig = ExportConfig()
     security: SecurityConfig = SecurityConfig()
     anomalies: AnomalyConfig = AnomalyConfig()
+    # Tell connections that carry TLS (the agent cannot parse them): one more
+    # tshark column; Sinks.tls hears of each such connection once.
+    detect_tls: bool = False

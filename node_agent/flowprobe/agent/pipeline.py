@@ -13,8 +13,8 @@ from flowprobe.agent.capture.tshark import ShardedRows, TsharkOptions, split_row
 from flowprobe.agent.config import AgentConfig
 from flowprobe.agent.parse.base import Parser
 from flowprobe.agent.parse.registry import build_parsers
-from flowprobe.agent.sessionize.records import Connection, Exchange
-from flowprobe.agent.sessionize.sessionizer import SessionConfig, Sessionizer
+from flowprobe.agent.sessionize.records import Connection, Endpoints, Exchange
+from flowprobe.agent.sessionize.sessionizer import TLS_PROTOCOL, SessionConfig, Sessionizer
 from flowprobe.agent.sessionize.stats import Stats
 
 
@@ -22,6 +22,8 @@ from flowprobe.agent.sessionize.stats import Stats
 class Sinks:
     exchange: list[Callable[[Exchange], None]] = field(default_factory=list)
     connection: list[Callable[[Connection], None]] = field(default_factory=list)
+    # A connection carrying TLS (AgentConfig.detect_tls), at its first TLS packet.
+    tls: list[Callable[[Endpoints, int], None]] = field(default_factory=list)
 
     def on_exchange(self, ex: Exchange) -> None:
         for fn in self.exchange:
@@ -31,6 +33,10 @@ class Sinks:
         for fn in self.connection:
             fn(conn)
 
+    def on_tls(self, endpoints: Endpoints, ts_us: int) -> None:
+        for fn in self.tls:
+            fn(endpoints, ts_us)
+
 
 class Pipeline:
     def __init__(self, config: AgentConfig, sinks: Sinks, stats: Stats | None = None) -> None:
@@ -39,7 +45,10 @@ class Pipeline:
         self.parsers: list[Parser] = build_parsers(config)
         own = [f for p in self.parsers if not p.shares_columns for f in p.fields]
         shared = [p.fields for p in self.parsers if p.shares_columns]
-        self.layout = ColumnLayout.build(own, shared, [p.tshark_name for p in self.parsers])
+        protocols = [p.tshark_name for p in self.parsers]
+        if config.detect_tls:
+            protocols.append(TLS_PROTOCOL)
+        self.layout = ColumnLayout.build(own, shared, protocols)
         for p in self.parsers:
             p.bind(self.layout)
         server_ports: dict[int, str] = {}
@@ -75,6 +84,7 @@ class Pipeline:
             self.sinks.on_connection,
             self._session_config,
             self.stats,
+            on_tls=self.sinks.on_tls if self.config.detect_tls else None,
         )
 
     def feed(self, rows: Iterable[list[str]] | ShardedRows) -> None:

@@ -46,12 +46,13 @@ class AgentReport(_Model):
     # CompiledPolicySet.checksum() of the set the agent is applying.
     config_checksum: str = ""
     notes: Annotated[list[AgentNote], Field(max_length=MAX_REPORT_NOTES)] = []
-    # What the agent sees (for `kubectl get lease -o yaml` and dashboards;
-    # the operator's status uses only the fields above).
+    # What the agent sees, shown per node in each ProbePolicy's status.agents.
     ready: bool = False
     interfaces: list[str] = []
     exchanges_per_second: float = 0.0
     capture_drops: int = 0
+    # Exported exchanges per second by policy name.
+    policy_exchanges_per_second: dict[str, float] = {}
 
 
 def report_lease_name(node: str) -> str:

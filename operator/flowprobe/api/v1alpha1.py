@@ -177,6 +177,8 @@ MAX_TOLERATIONS = 16
 MAX_NODE_SELECTOR = 16
 MAX_CONDITIONS = 8
 MAX_NODE_NOTES = 32
+MAX_AGENT_STATUSES = 32
+MAX_AGENT_INTERFACES = 16
 MIN_DURATION_SECONDS = 60
 MAX_DURATION_SECONDS = 30 * 24 * 3600
 MAX_PAYLOAD_BYTES = 65536
@@ -538,6 +540,21 @@ class NodeNote(_Model):
     message: Annotated[str, Field(max_length=1024)]
 
 
+class AgentStatus(_Model):
+    """What one node's agent reports, as shown on a ProbePolicy (status.agents)."""
+
+    node: Annotated[str, Field(max_length=253)]
+    ready: bool = False
+    interfaces: Annotated[
+        list[Annotated[str, Field(max_length=64)]], Field(max_length=MAX_AGENT_INTERFACES)
+    ] = []
+    # This policy's exported exchanges per second on the node (integer, as
+    # the API conventions ask: a rate below 0.5/s shows as 0).
+    exchanges_per_second: int = 0
+    # Packets the node's capture dropped (all policies: one capture per node).
+    capture_drops: int = 0
+
+
 class ProbePolicyStatus(_Model):
     observed_generation: int | None = None
     conditions: Annotated[list[Condition], Field(max_length=MAX_CONDITIONS)] = []
@@ -548,6 +565,11 @@ class ProbePolicyStatus(_Model):
     matched_pods: int = 0
     expires_at: datetime.datetime | None = None
     node_notes: Annotated[list[NodeNote], Field(max_length=MAX_NODE_NOTES)] = []
+    # Per-node agent reports (the first MAX_AGENT_STATUSES nodes by name) and
+    # their totals over every reporting node.
+    agents: Annotated[list[AgentStatus], Field(max_length=MAX_AGENT_STATUSES)] = []
+    exchanges_per_second: int = 0
+    capture_drops: int = 0
 
     def to_api(self) -> dict[str, Any]:
         """JSON-ready dict as stored under ``.status``."""

@@ -21,7 +21,10 @@ from flowprobe.api import constants
 from flowprobe.api.agentreport import AgentReport
 from flowprobe.api.conditions import Condition, ConditionStatus, find_condition, set_condition
 from flowprobe.api.v1alpha1 import (
+    MAX_AGENT_INTERFACES,
+    MAX_AGENT_STATUSES,
     MAX_NODE_NOTES,
+    AgentStatus,
     NodeNote,
     NodeNoteType,
     ProbePolicyStatus,
@@ -114,6 +117,7 @@ def compute_status(
 
     desired = ready = 0
     notes: list[NodeNote] = []
+    agents: list[AgentStatus] = []
     if verdict.errors:
         first = verdict.errors[0]
         put(constants.CONDITION_READY, FALSE, first.reason, _join(verdict.errors))
@@ -145,6 +149,7 @@ def compute_status(
         if obs.reconcile_error:
             issues.append(Issue(Reason.RECONCILE_FAILED, obs.reconcile_error))
         notes = _node_notes(verdict.name, current, obs)
+        agents = _agents(verdict.name, pods, obs)
         issues += _note_issues(notes)
         if issues:
             issues.sort(key=lambda i: _DEGRADED_ORDER.index(i.reason))
@@ -184,6 +189,9 @@ def compute_status(
         matched_pods=obs.matched_pods.get(verdict.name, 0),
         expires_at=verdict.ends_at,
         node_notes=notes[:MAX_NODE_NOTES],
+        agents=agents[:MAX_AGENT_STATUSES],
+        exchanges_per_second=sum(a.exchanges_per_second for a in agents),
+        capture_drops=sum(a.capture_drops for a in agents),
     )
 
 
@@ -243,6 +251,25 @@ def _node_notes(policy: str, current: Sequence[AgentPod], obs: Observation) -> l
                 notes.append(NodeNote(node=pod.node, type=note.type, message=note.message[:1024]))
     notes.sort(key=lambda n: (n.node, n.type, n.message))
     return notes
+
+
+def _agents(policy: str, pods: Sequence[AgentPod], obs: Observation) -> list[AgentStatus]:
+    """The fresh reports of the nodes where the policy applies, by node name."""
+    out = []
+    for node in sorted({p.node for p in pods}):
+        report = obs.reports.get(node)
+        if report is None:
+            continue
+        out.append(
+            AgentStatus(
+                node=node,
+                ready=report.ready,
+                interfaces=[i[:64] for i in report.interfaces[:MAX_AGENT_INTERFACES]],
+                exchanges_per_second=round(report.policy_exchanges_per_second.get(policy, 0.0)),
+                capture_drops=max(0, report.capture_drops),
+            )
+        )
+    return out
 
 
 def _note_issues(notes: Sequence[NodeNote]) -> list[Issue]:

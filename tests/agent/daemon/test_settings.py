@@ -51,9 +51,12 @@ def test_export_config_reads_header_secret_files(tmp_path: Path) -> None:
             headers_dir=str(tmp_path),
             ca_file="/etc/ca.crt",
             timeout_seconds=7,
+            server_name="otlp.internal",
+            insecure_skip_verify=True,
         )
     )
     assert cfg.otlp.protocol == "http/protobuf"
+    assert (cfg.otlp.server_name, cfg.otlp.insecure_skip_verify) == ("otlp.internal", True)
     assert cfg.otlp.headers == {"authorization": "Bearer abc"}
     assert (cfg.otlp.certificate, cfg.otlp.timeout_seconds) == ("/etc/ca.crt", 7)
 

@@ -7,6 +7,7 @@ from typing import Any
 from flowprobe.agent.enrich.index import NAMESPACES, PODS, ClusterIndex
 from flowprobe.agent.enrich.policy import MAX_BPF_HOSTS, PolicyEngine
 from flowprobe.agent.enrich.resolver import KubernetesResolver
+from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.devenv.k8sobjects import namespace, pod, policy
 from tests.agent.export.fakes import exchange
 
@@ -145,3 +146,33 @@ def test_unselected_pods_get_no_resource_of_their_own() -> None:
     r = KubernetesResolver(idx, admit=eng.selects_any)
     assert r.client("10.0.0.1", T) is not None
     assert r.server("10.0.0.2", 6379, T) is None  # redis: only web's peer
+
+
+def test_memoised_selection_follows_ip_reuse_and_policy_changes() -> None:
+    idx = cluster()
+    eng = PolicyEngine(idx, "node-a")
+    eng.set_policies([policy("web", podSelector={"matchLabels": {"app": "web"}})])
+    r = KubernetesResolver(idx, admit=eng.selects_any)
+    client, server = ("10.0.0.3", 5000), ("10.0.0.1", 8080)
+
+    def at(start_us: int) -> Exchange:
+        return exchange(start_us=start_us, client=client, server=server)
+
+    before = eng.select(at(T))
+    assert [p.name for p in before[0]] == ["web"]
+    assert r.server("10.0.0.1", 8080, T) is not None
+    # web goes; a pod no policy selects gets its IP. The same connection
+    # tuple is memoised, but exchanges after the handover belong to the new
+    # pod and those before still to web.
+    idx.apply(PODS, "DELETED", pod("web", "10.0.0.1", labels={"app": "web"}), T + 1_000)
+    idx.apply(PODS, "ADDED", pod("new", "10.0.0.1", labels={"app": "new"}), T + 2_000)
+    after = eng.select(at(T + 3_000))
+    assert after[0] == [] and after[1] is not None and after[1].pod.name == "new"
+    again = eng.select(at(T))
+    assert again[1] is not None and again[1].pod.name == "web"
+    assert r.server("10.0.0.1", 8080, T + 3_000) is None  # new: not selected
+    # A policy change alone (no pod event) reaches the resolver's memo too.
+    eng.set_policies([policy("new", podSelector={"matchLabels": {"app": "new"}})])
+    wl = r.server("10.0.0.1", 8080, T + 3_000)
+    assert wl is not None and dict(wl.attributes)["k8s.pod.name"] == "new"
+    assert [p.name for p in eng.select(at(T + 3_000))[0]] == ["new"]

@@ -3,8 +3,11 @@ agent encodes, and exchange records."""
 
 from __future__ import annotations
 
+import datetime
 import gzip
+import ipaddress
 import socket
+import ssl
 import threading
 import time
 import zlib
@@ -12,9 +15,14 @@ from collections.abc import Callable
 from concurrent import futures
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import (
     metrics_service_pb2,
@@ -106,8 +114,15 @@ def attrs(kvs: Any) -> dict[str, Any]:
 class FakeHttpReceiver:
     """OTLP/HTTP (protobuf) on 127.0.0.1: /v1/traces and /v1/metrics."""
 
-    def __init__(self, port: int = 0, delay_s: float = 0.0, refuse: tuple[int, ...] = ()) -> None:
-        """``refuse``: HTTP statuses answered to the first requests, one each, before any is read."""
+    def __init__(
+        self,
+        port: int = 0,
+        delay_s: float = 0.0,
+        refuse: tuple[int, ...] = (),
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        """``refuse``: HTTP statuses answered to the first requests, one each, before any is read;
+        ``tls``: serve HTTPS with this server context."""
         self.received = Received()
         received = self.received
         refusals = list(refuse)
@@ -151,13 +166,16 @@ class FakeHttpReceiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https" if tls is not None else "http"
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -408,3 +426,44 @@ def run_telemetry(
         tel.submit(ex)
     tel.close(timeout_s=10)
     return spans.get_finished_spans(), mexp, tel
+
+
+def self_signed(
+    tmp_path: Path, names: tuple[str, ...] = ("localhost", "127.0.0.1")
+) -> tuple[Path, bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([_san(n) for n in names]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    """A self-signed certificate valid for ``names`` (DNS names or IPs): its
+    path (the CA file to trust), the PEM and the key's PEM."""
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(cert_pem)
+    return ca, cert_pem, key_pem
+
+
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
+import ssl
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
     OTLPMetricExporter as HttpMetricExporter,
 )
@@ -22,7 +17,7 @@ from flowprobe.agent.export.otlp import OtlpConfigError, resolve
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.export.transport import GrpcSpanSender, HttpSpanSender
 from flowprobe.agent.sessionize.stats import Stats
-from tests.agent.export.fakes import FakeGrpcReceiver, FakeHttpReceiver, exchange
+from tests.agent.export.fakes import FakeGrpcReceiver, FakeHttpReceiver, exchange, self_signed
 
 
 def test_off_without_an_endpoint() -> None:
@@ -191,40 +186,8 @@ def test_grpc_with_headers() -> None:
     assert "flowprobe.edge.exchanges" in rx.received.metric_names()
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, bytes, bytes]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    ca = tmp_path / "ca.pem"
-    ca.write_bytes(cert_pem)
-    return ca, cert_pem, key_pem
-
-
 def test_grpc_over_tls_verifies_the_backend_with_the_given_ca(tmp_path: Path) -> None:
-    ca, cert_pem, key_pem = _self_signed(tmp_path)
+    ca, cert_pem, key_pem = self_signed(tmp_path)
     creds = grpc.ssl_server_credentials([(key_pem, cert_pem)])
     rx = FakeGrpcReceiver(credentials=creds)
     try:
@@ -241,3 +204,56 @@ def test_grpc_over_tls_verifies_the_backend_with_the_given_ca(tmp_path: Path) ->
         assert len(rx.received.spans()) == before
     finally:
         rx.stop()
+
+
+# The backend's certificate names only this; the agent dials 127.0.0.1.
+BACKEND_NAME = "otlp.backend.test"
+
+
+def _tls_cases(endpoint: str, ca: Path, protocol: str) -> dict[str, Telemetry]:
+    base = OtlpConfig(endpoint=endpoint, protocol=protocol, timeout_seconds=2)
+    configs = {
+        "ca only": base.model_copy(update={"certificate": str(ca)}),
+        "ca and serverName": base.model_copy(
+            update={"certificate": str(ca), "server_name": BACKEND_NAME}
+        ),
+        "insecureSkipVerify": base.model_copy(update={"insecure_skip_verify": True}),
+    }
+    return {k: _send(ExportConfig(otlp=c)) for k, c in configs.items()}
+
+
+def _assert_tls_cases(sent: dict[str, Telemetry]) -> None:
+    # The name differs from the dialled address: only with serverName, or
+    # without verification, does anything arrive.
+    assert sent["ca only"].counters.spans_exported == 0
+    assert sent["ca and serverName"].counters.spans_exported == 2
+    assert sent["insecureSkipVerify"].counters.spans_exported == 2
+
+
+def test_grpc_server_name_and_insecure_skip_verify(tmp_path: Path) -> None:
+    ca, cert_pem, key_pem = self_signed(tmp_path, (BACKEND_NAME,))
+    rx = FakeGrpcReceiver(credentials=grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    try:
+        sent = _tls_cases(f"https://127.0.0.1:{rx.port}", ca, "grpc")
+    finally:
+        rx.stop()
+    _assert_tls_cases(sent)
+    assert len(rx.received.spans()) == 4
+    # The SDK's metric exporter gets the same settings.
+    assert "flowprobe.edge.exchanges" in rx.received.metric_names()
+
+
+def test_http_server_name_and_insecure_skip_verify(tmp_path: Path) -> None:
+    ca, cert_pem, key_pem = self_signed(tmp_path, (BACKEND_NAME,))
+    (tmp_path / "cert.pem").write_bytes(cert_pem)
+    (tmp_path / "key.pem").write_bytes(key_pem)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    rx = FakeHttpReceiver(tls=tls)
+    try:
+        sent = _tls_cases(rx.endpoint, ca, "http/protobuf")
+    finally:
+        rx.stop()
+    _assert_tls_cases(sent)
+    assert len(rx.received.spans()) == 4
+    assert "flowprobe.edge.exchanges" in rx.received.metric_names()

@@ -24,7 +24,7 @@ from flowprobe.agent.config import AgentConfig, PayloadConfig
 from flowprobe.agent.enrich.policy import CaptureScope
 from flowprobe.agent.enrich.watch import now_us
 from flowprobe.agent.pipeline import Pipeline, Sinks
-from flowprobe.agent.sessionize.records import Exchange
+from flowprobe.agent.sessionize.records import Endpoints, Exchange
 from flowprobe.agent.sessionize.stats import Stats
 
 log = logging.getLogger("flowprobe.agent.daemon")
@@ -39,6 +39,7 @@ class _Generation:
         base: AgentConfig,
         sink: Callable[[Exchange], None],
         stats: Stats,
+        tls_sink: Callable[[Endpoints, int], None] | None,
     ) -> None:
         self.scope = scope
         self.lo_us = 0
@@ -52,9 +53,11 @@ class _Generation:
                 "payload": PayloadConfig(
                     user_agent=scope.user_agent, raw_query_text=scope.raw_query_text
                 ),
+                "detect_tls": tls_sink is not None,
             }
         )
-        self.pipeline = Pipeline(config, Sinks(exchange=[self._admit]), stats)
+        sinks = Sinks(exchange=[self._admit], tls=[tls_sink] if tls_sink else [])
+        self.pipeline = Pipeline(config, sinks, stats)
         self.started = time.monotonic()
         options = self.pipeline.tshark_options
         # tshark is replaced when its memory grows (capture.rotate).
@@ -107,11 +110,13 @@ class CaptureSwitcher:
         stats: Stats,
         linger_s: float = 2.0,
         start_timeout_s: float = 10.0,
+        tls_sink: Callable[[Endpoints, int], None] | None = None,
     ) -> None:
         self.tools = tools
         self.interfaces = list(interfaces)
         self.base = base
         self.sink = sink
+        self.tls_sink = tls_sink
         self.stats = stats
         self.linger_s = linger_s
         self.start_timeout_s = start_timeout_s
@@ -145,7 +150,9 @@ class CaptureSwitcher:
                 self._retire(old)
             return
         try:
-            new = _Generation(scope, self.tools, self.interfaces, self.base, self.sink, self.stats)
+            new = _Generation(
+                scope, self.tools, self.interfaces, self.base, self.sink, self.stats, self.tls_sink
+            )
         except (CaptureError, OSError) as exc:
             self._fail(scope, str(exc))
             return

@@ -27,7 +27,7 @@ from flowprobe.agent.analyze.policies import PolicyAnalyzers
 from flowprobe.agent.capture.tshark import CaptureError, Tools
 from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.daemon.capture import CaptureSwitcher
-from flowprobe.agent.daemon.report import HealthServer, LeaseReporter
+from flowprobe.agent.daemon.report import HealthServer, LeaseReporter, TlsSightings
 from flowprobe.agent.enrich.index import ClusterIndex
 from flowprobe.agent.enrich.kubeapi import KubeApi, load_configuration
 from flowprobe.agent.enrich.policy import NO_CAPTURE, CaptureScope, PolicyEngine
@@ -35,10 +35,10 @@ from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.agent.enrich.watch import Watcher, now_us
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
-from flowprobe.agent.sessionize.records import Exchange
+from flowprobe.agent.sessionize.records import Endpoints, Exchange
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.api import constants
-from flowprobe.api.agentreport import AgentNote, AgentReport
+from flowprobe.api.agentreport import MAX_REPORT_NOTES, AgentNote, AgentReport
 from flowprobe.api.policyset import CompiledExport, CompiledPolicy, CompiledPolicySet
 from flowprobe.api.v1alpha1 import NodeNoteType, OtlpProtocol
 
@@ -110,6 +110,8 @@ def export_config(export: CompiledExport) -> ExportConfig:
             headers=headers,
             certificate=export.ca_file,
             timeout_seconds=export.timeout_seconds,
+            server_name=export.server_name,
+            insecure_skip_verify=export.insecure_skip_verify,
         )
     )
 
@@ -141,8 +143,14 @@ class Daemon:
         self.index = ClusterIndex()
         self.watcher = Watcher(api, self.index)
         self.engine = PolicyEngine(self.index, settings.node)
+        self.tls = TlsSightings()
         self.switcher = CaptureSwitcher(
-            tools, settings.interfaces, AgentConfig(), self.on_exchange, self.stats
+            tools,
+            settings.interfaces,
+            AgentConfig(),
+            self.on_exchange,
+            self.stats,
+            tls_sink=self.on_tls,
         )
         self.reporter = LeaseReporter(
             api, settings.namespace, settings.node, settings.pod, settings.report_interval_s
@@ -162,8 +170,9 @@ class Daemon:
         self._scope_generation = -1
         self._scope: CaptureScope = NO_CAPTURE
         self._last_tick = time.monotonic()
-        self._rate = (time.monotonic(), 0)
+        self._rate: tuple[float, int, dict[str, int]] = (time.monotonic(), 0, {})
         self.exchanges_per_second = 0.0
+        self.policy_rates: dict[str, float] = {}
 
     # -- capture thread ---------------------------------------------------
 
@@ -182,6 +191,15 @@ class Daemon:
             sink = telemetry.get(key)
             if sink is not None:
                 sink.submit(ex)
+
+    def on_tls(self, endpoints: Endpoints, ts_us: int) -> None:
+        try:
+            policies, where = self.engine.encrypted(endpoints, ts_us)
+        except Exception as exc:
+            self.stats.anomaly("enrichment_error", repr(exc))
+            return
+        if policies:
+            self.tls.add(policies, where, time.monotonic())
 
     # -- main loop --------------------------------------------------------
 
@@ -302,11 +320,18 @@ class Daemon:
     # -- status -----------------------------------------------------------
 
     def _update_rate(self, now: float) -> None:
-        t0, n0 = self._rate
+        t0, n0, per0 = self._rate
         n = self.engine.counters.selected
+        per = dict(self.engine.counters.per_policy)
         if now > t0:
             self.exchanges_per_second = (n - n0) / (now - t0)
-        self._rate = (now, n)
+            active = {p.name for p in self.engine.policies}
+            self.policy_rates = {
+                name: round((count - per0.get(name, 0)) / (now - t0), 3)
+                for name, count in per.items()
+                if name in active
+            }
+        self._rate = (now, n, per)
 
     def report(self) -> AgentReport:
         notes: list[AgentNote] = []
@@ -317,6 +342,7 @@ class Daemon:
                     message=self.switcher.error[:1000],
                 )
             )
+        notes += self.tls.notes(time.monotonic(), MAX_REPORT_NOTES - len(notes))
         checksum = self.policy_set.checksum() if self.policy_set is not None else ""
         return AgentReport(
             node=self.settings.node,
@@ -326,6 +352,7 @@ class Daemon:
             interfaces=list(self.settings.interfaces) if self.switcher.alive() else [],
             exchanges_per_second=round(self.exchanges_per_second, 3),
             capture_drops=self.stats.capture_dropped,
+            policy_exchanges_per_second=self.policy_rates,
         )
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:

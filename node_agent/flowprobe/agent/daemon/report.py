@@ -14,9 +14,15 @@ import urllib3
 
 from flowprobe.agent.enrich.kubeapi import ApiError, KubeApi
 from flowprobe.api import constants
-from flowprobe.api.agentreport import AgentReport, report_lease_name
+from flowprobe.api.agentreport import MAX_REPORT_NOTES, AgentNote, AgentReport, report_lease_name
+from flowprobe.api.v1alpha1 import NodeNoteType
 
 log = logging.getLogger("flowprobe.agent.daemon")
+
+# A TLSNotVisible note lasts this long after the connection's first TLS record.
+TLS_NOTE_WINDOW_S = 600.0
+MAX_TLS_SIGHTINGS = 256
+_NOTE_MAX = 1024
 
 # (healthy, JSON-able detail)
 Check = Callable[[], tuple[bool, dict[str, Any]]]
@@ -136,3 +142,55 @@ class LeaseReporter:
         self._failing = False
         self.reports += 1
         return True
+
+
+class TlsSightings:
+    """Connections carrying TLS in traffic a policy selects, for ``TLSNotVisible`` notes.
+
+    Added to from the capture thread, read by the report; bounded (the oldest
+    sighting goes first) and forgotten after ``TLS_NOTE_WINDOW_S``.
+    """
+
+    def __init__(self, window_s: float = TLS_NOTE_WINDOW_S) -> None:
+        self.window_s = window_s
+        # (policy, "client -> server:port") -> when last seen (monotonic)
+        self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, policies: list[str], where: str, now: float) -> None:
+        with self._lock:
+            for policy in policies:
+                self._seen.pop((policy, where), None)
+                self._seen[(policy, where)] = now
+            while len(self._seen) > MAX_TLS_SIGHTINGS:
+                del self._seen[next(iter(self._seen))]
+
+    def notes(self, now: float, limit: int = MAX_REPORT_NOTES) -> list[AgentNote]:
+        """One note per policy (at most ``limit``), naming the connections."""
+        by_policy: dict[str, list[str]] = {}
+        with self._lock:
+            for key in [k for k, t in self._seen.items() if now - t > self.window_s]:
+                del self._seen[key]
+            for (policy, where), _ in sorted(self._seen.items(), key=lambda kv: -kv[1]):
+                by_policy.setdefault(policy, []).append(where)
+        head = f"TLS-encrypted traffic the agent cannot parse (last {self.window_s / 60:g} min): "
+        tail = "; capture it before encryption or leave the port out (spec.ports)"
+        notes = []
+        for policy in sorted(by_policy)[:limit]:
+            places = by_policy[policy]
+            shown: list[str] = []
+            # Room for ", … and N more" within the note's 1024 characters.
+            room = _NOTE_MAX - len(head) - len(tail) - 20
+            for place in places:
+                if sum(len(p) + 2 for p in shown) + len(place) > room:
+                    break
+                shown.append(place)
+            text = ", ".join(shown)
+            if len(shown) < len(places):
+                text += f" and {len(places) - len(shown)} more"
+            notes.append(
+                AgentNote(
+                    type=NodeNoteType.TLS_NOT_VISIBLE, message=head + text + tail, policy=policy
+                )
+            )
+        return notes

@@ -404,16 +404,17 @@ class ClusterIndex:
     def pod_at(self, ip: str, at_us: int) -> PodRecord | None:
         return self._tenancy(self._by_ip.get(ip), at_us)[0]
 
-    def _lookup(self, ip: str, port: int, at_us: int) -> Endpoint | None:
-        """Memoised per (ip, port) with the window the answer is valid in;
-        the memo is dropped whenever pods change."""
+    def lookup(self, ip: str, port: int, at_us: int) -> tuple[Endpoint | None, int, int]:
+        """The end at (ip, port) at ``at_us`` (port -1: a client) and the window
+        [lo, hi) the answer holds in, valid while ``generation`` is unchanged.
+        Memoised per (ip, port); the memo is dropped whenever pods change."""
         if self._memo_generation != self.generation:
             self._memo.clear()
             self._memo_generation = self.generation
         key = (ip, port)
         hit = self._memo.get(key)
         if hit is not None and hit[1] <= at_us < hit[2]:
-            return hit[0]
+            return hit
         pod, lo, hi = self._tenancy(self._by_ip.get(ip), at_us)
         if pod is None and port >= 0:
             pod, lo2, hi2 = self._tenancy(self._host_ports.get((ip, port)), at_us)
@@ -429,15 +430,19 @@ class ClusterIndex:
                 ep = Endpoint(pod, pod.containers[0] if len(pod.containers) == 1 else None, None)
         if len(self._memo) >= _MEMO_MAX:
             self._memo.clear()
-        self._memo[key] = (ep, lo, hi)
-        return ep
+        hit = self._memo[key] = (ep, lo, hi)
+        return hit
 
     def server(self, ip: str, port: int, at_us: int) -> Endpoint | None:
-        return self._lookup(ip, port, at_us)
+        return self.lookup(ip, port, at_us)[0]
 
     def client(self, ip: str, at_us: int) -> Endpoint | None:
         # A hostNetwork client is indistinguishable from the node itself: None.
-        return self._lookup(ip, -1, at_us)
+        return self.lookup(ip, -1, at_us)[0]
+
+    def invalidate(self) -> None:
+        """Drop every answer memoised against ``generation`` (e.g. the policy set changed)."""
+        self.generation += 1
 
     def service_at(self, ip: str) -> ServiceRecord | None:
         """The Service whose ClusterIP this is (traffic captured before DNAT)."""

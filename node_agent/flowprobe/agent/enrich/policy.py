@@ -23,11 +23,12 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from flowprobe.agent.enrich.index import ClusterIndex, Endpoint, PodRecord
 from flowprobe.agent.enrich.resolver import pod_attributes
 from flowprobe.agent.parse.messages import AttrValue
-from flowprobe.agent.sessionize.records import Exchange
+from flowprobe.agent.sessionize.records import Endpoints, Exchange
 from flowprobe.api.policyset import CompiledPolicy
 from flowprobe.api.v1alpha1 import (
     Direction,
@@ -66,6 +67,8 @@ _PATTERN_TARGETS = ("url.query", "url.full", "url.path", USER_AGENT_ATTRIBUTE, Q
 # quickly (and may exceed the kernel's 4096 instructions): capture all of
 # the node's inbound traffic and select in the agent instead.
 MAX_BPF_HOSTS = 256
+# Bound of the per-connection selection memo (cleared when full).
+_CHOICES_MAX = 65_536
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,19 @@ class CaptureScope:
 
 
 NO_CAPTURE = CaptureScope(None, (), (), False, False)
+
+
+class _Choice(NamedTuple):
+    """A connection's selection before sampling, valid for start times in [lo, hi)."""
+
+    policies: tuple[CompiledPolicy, ...]
+    deferred: bool
+    server: Endpoint | None
+    client: Endpoint | None
+    lo: int
+    hi: int
+    # Every policy keeps all connections: no per-exchange sampling check.
+    unsampled: bool
 
 
 @dataclass
@@ -122,6 +138,10 @@ class PolicyEngine:
         self._admitted: dict[str, bool] = {}
         self._generation = -1
         self._side_attrs: dict[tuple[str, str, str | None], tuple[tuple[str, AttrValue], ...]] = {}
+        # (client ip, server ip, server port, protocol) -> the selection:
+        # exchanges of one connection repeat it, so both ends are resolved
+        # and every policy checked once per connection, not per exchange.
+        self._choices: dict[tuple[str, str, int, str | None], _Choice] = {}
         self._patterns: dict[str, list[tuple[re.Pattern[str], str]]] = {}
 
     def set_policies(self, policies: Sequence[CompiledPolicy]) -> None:
@@ -143,7 +163,11 @@ class PolicyEngine:
             ]
             self._selected.clear()
             self._admitted.clear()
+            self._choices.clear()
             self._patterns = patterns
+            # Answers derived from the old policies elsewhere (the resolvers'
+            # admitted pods) are keyed on the index generation.
+            self.index.invalidate()
 
     # -- selection --------------------------------------------------------
 
@@ -153,6 +177,7 @@ class PolicyEngine:
             self._selected.clear()
             self._admitted.clear()
             self._side_attrs.clear()
+            self._choices.clear()
             self._generation = self.index.generation
 
     def selects(self, policy: CompiledPolicy, pod: PodRecord) -> bool:
@@ -197,42 +222,82 @@ class PolicyEngine:
             and self.selects(policy, ep.pod)
         )
 
+    def _choose(self, ep: Endpoints, protocol: str | None, at_us: int) -> _Choice:
+        """The policies selecting the connection from this node before sampling
+        (``protocol`` None: whatever it carries). Caller holds the index lock."""
+        if self.index.generation != self._generation:
+            self._check_generation()
+        key = (ep.client_address, ep.server_address, ep.server_port, protocol)
+        hit = self._choices.get(key)
+        if hit is not None and hit.lo <= at_us < hit.hi:
+            return hit
+        port = ep.server_port
+        server, s_lo, s_hi = self.index.lookup(ep.server_address, port, at_us)
+        client, c_lo, c_hi = self.index.lookup(ep.client_address, -1, at_us)
+        local_server = server is not None and server.pod.node == self.node
+        local_client = client is not None and client.pod.node == self.node
+        deferred = False
+        chosen: list[CompiledPolicy] = []
+        for policy, protocols in self._with_protocols:
+            if protocol is not None and protocol not in protocols:
+                continue
+            if local_server and self._as_server(policy, server, port):
+                chosen.append(policy)
+            elif local_client and self._as_client(policy, client, server, port):
+                if not local_server and self._selected_remotely(server, port):
+                    deferred = True
+                    continue
+                chosen.append(policy)
+        if len(self._choices) >= _CHOICES_MAX:
+            self._choices.clear()
+        hit = _Choice(
+            tuple(chosen),
+            deferred,
+            server,
+            client,
+            max(s_lo, c_lo),
+            min(s_hi, c_hi),
+            all(p.sampling_percent >= 100 for p in chosen),
+        )
+        self._choices[key] = hit
+        return hit
+
     def select(self, ex: Exchange) -> tuple[list[CompiledPolicy], Endpoint | None, Endpoint | None]:
         """The policies that export ``ex`` from this node, and both resolved ends."""
-        ep = ex.endpoints
-        chosen: list[CompiledPolicy] = []
         with self.index.lock:
-            server = self.index.server(ep.server_address, ep.server_port, ex.start_us)
-            client = self.index.client(ep.client_address, ex.start_us)
-            local_server = server is not None and server.pod.node == self.node
-            local_client = client is not None and client.pod.node == self.node
-            deferred = False
-            for policy, protocols in self._with_protocols:
-                if ex.protocol not in protocols:
-                    continue
-                port = ep.server_port
-                if local_server and self._as_server(policy, server, port):
-                    chosen.append(policy)
-                elif local_client and self._as_client(policy, client, server, port):
-                    if not local_server and self._selected_remotely(server, port):
-                        deferred = True
-                        continue
-                    chosen.append(policy)
+            choice = self._choose(ex.endpoints, ex.protocol, ex.start_us)
         c = self.counters
-        if not chosen:
-            if deferred:
+        if not choice.policies:
+            if choice.deferred:
                 c.deferred += 1
             else:
                 c.unselected += 1
-            return [], server, client
-        sampled = [p for p in chosen if _in_sample(p, ex)]
+            return [], choice.server, choice.client
+        sampled = (
+            list(choice.policies)
+            if choice.unsampled
+            else [p for p in choice.policies if _in_sample(p, ex)]
+        )
         if not sampled:
             c.sampled_out += 1
-            return [], server, client
+            return [], choice.server, choice.client
         c.selected += 1
         for p in sampled:
             c.per_policy[p.name] = c.per_policy.get(p.name, 0) + 1
-        return sampled, server, client
+        return sampled, choice.server, choice.client
+
+    def encrypted(self, ep: Endpoints, at_us: int) -> tuple[list[str], str]:
+        """For a connection carrying TLS: the policies that would export its
+        traffic from this node, and the connection as ``client -> server:port``."""
+        with self.index.lock:
+            choice = self._choose(ep, None, at_us)
+        if not choice.policies:
+            return [], ""
+        where = (
+            f"{_describe(choice.client, ep.client_address)} -> "
+            f"{_describe(choice.server, ep.server_address)}:{ep.server_port}"
+        )
+        return [p.name for p in choice.policies], where
 
     def _selected_remotely(self, server: Endpoint | None, port: int) -> bool:
         return server is not None and any(self._as_server(p, server, port) for p in self.policies)
@@ -334,6 +399,10 @@ class PolicyEngine:
             if parser:
                 decode.setdefault(parser, set()).add(number)
         return out
+
+
+def _describe(end: Endpoint | None, address: str) -> str:
+    return f"{end.pod.namespace}/{end.pod.name}" if end is not None else address
 
 
 def _bpf(hosts: dict[str, set[int] | None]) -> str:

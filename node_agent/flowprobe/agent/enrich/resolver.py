@@ -84,6 +84,12 @@ class KubernetesResolver:
         # Shared Workload objects keep resources shared; cleared when full.
         self._cache: dict[tuple[str, str | None], Workload] = {}
         self._max = max_cache
+        # (address, port) -> (resource, lo, hi, a pod holds it): the index's
+        # tenancy window with ``admit`` applied, dropped when the generation
+        # changes (pods, namespaces, the policy set). Services are looked up
+        # apart: they do not change the generation.
+        self._ends: dict[tuple[str, int], tuple[Workload | None, int, int, bool]] = {}
+        self._ends_generation = -1
 
     def _pod(self, ep: Endpoint) -> Workload | None:
         if self.admit is not None and not self.admit(ep.pod):
@@ -113,15 +119,34 @@ class KubernetesResolver:
             wl = self._cache[key] = Workload(svc.name, (*attrs, *self.extra))
         return wl
 
+    def _end(self, address: str, port: int, at_us: int) -> tuple[Workload | None, bool]:
+        """Caller holds the index lock."""
+        index = self.index
+        if self._ends_generation != index.generation:
+            self._ends.clear()
+            self._ends_generation = index.generation
+        key = (address, port)
+        hit = self._ends.get(key)
+        if hit is None or not hit[1] <= at_us < hit[2]:
+            ep, lo, hi = index.lookup(address, port, at_us)
+            if len(self._ends) >= self._max:
+                self._ends.clear()
+            hit = self._ends[key] = (
+                self._pod(ep) if ep is not None else None,
+                lo,
+                hi,
+                ep is not None,
+            )
+        return hit[0], hit[3]
+
     def server(self, address: str, port: int, at_us: int = 0) -> Workload | None:
         with self.index.lock:
-            ep = self.index.server(address, port, at_us)
-            if ep is not None:
-                return self._pod(ep)
+            wl, found = self._end(address, port, at_us)
+            if found:
+                return wl
             svc = self.index.service_at(address)
             return self._service(svc) if svc is not None else None
 
     def client(self, address: str, at_us: int = 0) -> Workload | None:
         with self.index.lock:
-            ep = self.index.client(address, at_us)
-            return self._pod(ep) if ep is not None else None
+            return self._end(address, -1, at_us)[0]

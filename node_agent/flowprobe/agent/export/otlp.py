@@ -30,6 +30,8 @@ from opentelemetry.sdk.metrics.export import MetricExporter
 from flowprobe.agent.config import ExportConfig, OtlpConfig
 
 if TYPE_CHECKING:
+    import requests
+
     from flowprobe.agent.export.transport import SpanSink
 
 Signal = Literal["traces", "metrics", "logs"]
@@ -61,6 +63,9 @@ class SignalSettings:
     client_key: str | None = None
     compression: str = "none"
     timeout_s: float = DEFAULT_TIMEOUT_S
+    # See tlsopts: the name the certificate must carry, and accepting any.
+    server_name: str | None = None
+    insecure_skip_verify: bool = False
 
     def describe(self) -> str:
         """One line for the log: never the header values (they hold credentials)."""
@@ -178,6 +183,8 @@ def resolve(
         client_key=config.client_key or _env(env, signal, "CLIENT_KEY"),
         compression=compression,
         timeout_s=timeout_s,
+        server_name=config.server_name,
+        insecure_skip_verify=config.insecure_skip_verify,
     )
     for path_setting in (settings.certificate, settings.client_certificate, settings.client_key):
         if path_setting is not None and not os.path.isfile(path_setting):
@@ -207,10 +214,12 @@ def metric_interval(export: ExportConfig, env: Mapping[str, str] | None = None) 
     return seconds
 
 
-def grpc_credentials(s: SignalSettings) -> grpc.ChannelCredentials | None:
-
-    if s.insecure or not (s.certificate or s.client_certificate):
-        return None
+def grpc_tls(
+    s: SignalSettings,
+) -> tuple[grpc.ChannelCredentials | None, tuple[tuple[str, str], ...]]:
+    """Channel credentials (None: the default roots) and channel options for ``s``."""
+    if s.insecure:
+        return None, ()
 
     def read(path: str | None) -> bytes | None:
         if path is None:
@@ -218,11 +227,28 @@ def grpc_credentials(s: SignalSettings) -> grpc.ChannelCredentials | None:
         with open(path, "rb") as f:
             return f.read()
 
-    return grpc.ssl_channel_credentials(
-        root_certificates=read(s.certificate),
+    roots = read(s.certificate)
+    name = s.server_name
+    if s.insecure_skip_verify:
+        # Imported on use, as requests (which tlsopts needs) is slow to import.
+        from flowprobe.agent.export import tlsopts
+
+        host, port = tlsopts.grpc_host_port(s.endpoint)
+        try:
+            pem, name = tlsopts.presented_certificate(host, port, s.server_name, s.timeout_s)
+            roots = pem.encode()
+        except (OSError, ValueError) as exc:
+            # Backend not up yet: the span sender pins again when it reconnects.
+            log.debug("OTLP %s: no certificate to pin yet: %s", s.signal, exc)
+    options = (("grpc.ssl_target_name_override", name),) if name else ()
+    if roots is None and not s.client_certificate:
+        return None, options
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=roots,
         private_key=read(s.client_key),
         certificate_chain=read(s.client_certificate),
     )
+    return creds, options
 
 
 def grpc_compression(name: str) -> grpc.Compression:
@@ -234,20 +260,36 @@ def grpc_compression(name: str) -> grpc.Compression:
 
 
 def _grpc_kwargs(s: SignalSettings) -> dict[str, Any]:
+    credentials, options = grpc_tls(s)
     return {
         "endpoint": s.endpoint,
         "insecure": s.insecure,
-        "credentials": grpc_credentials(s),
+        "credentials": credentials,
+        "channel_options": options or None,
         "headers": dict(s.headers),
         "timeout": s.timeout_s,
         "compression": grpc_compression(s.compression),
     }
 
 
+def http_session(s: SignalSettings) -> requests.Session:
+    """A session applying ``s``'s server name and verification (see tlsopts)."""
+    import requests
+
+    from flowprobe.agent.export import tlsopts
+
+    session = requests.Session()
+    if s.insecure_skip_verify or s.server_name:
+        verify: bool | str = False if s.insecure_skip_verify else (s.certificate or True)
+        session.mount("https://", tlsopts.TlsAdapter(verify, s.server_name))
+    return session
+
+
 def _http_kwargs(s: SignalSettings) -> dict[str, Any]:
     from opentelemetry.exporter.otlp.proto.http import Compression
 
     return {
+        "session": http_session(s),
         "endpoint": s.endpoint,
         "certificate_file": s.certificate,
         "client_key_file": s.client_key,

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from flowprobe.agent.export.otlp import SignalSettings, grpc_compression, grpc_credentials
+from flowprobe.agent.export.otlp import SignalSettings, grpc_compression, grpc_tls, http_session
 
 TRACE_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 # The OTLP spec's retryable gRPC codes.
@@ -111,8 +111,13 @@ class GrpcSpanSender(_Retrying):
         if s.insecure:
             self._channel = grpc.insecure_channel(self._target, compression=compression)
         else:
-            creds = grpc_credentials(s) or grpc.ssl_channel_credentials()
-            self._channel = grpc.secure_channel(self._target, creds, compression=compression)
+            creds, options = grpc_tls(s)
+            self._channel = grpc.secure_channel(
+                self._target,
+                creds or grpc.ssl_channel_credentials(),
+                options=options,
+                compression=compression,
+            )
         # No serializers: the request is already protobuf, the response
         # (ExportTraceServiceResponse, partial-success counts) is not needed.
         self._call: grpc.UnaryUnaryMultiCallable[bytes, bytes] = self._channel.unary_unary(
@@ -173,7 +178,7 @@ class HttpSpanSender(_Retrying):
         import requests
 
         self._requests = requests
-        self._session = requests.Session()
+        self._session = http_session(s)
         self._session.headers.update(s.headers)
         self._session.headers["Content-Type"] = "application/x-protobuf"
         if s.compression != "none":

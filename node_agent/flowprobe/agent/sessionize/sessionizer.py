@@ -32,6 +32,8 @@ DPKT_A, DPKT_B = 13, 14  # packets carrying payload, per side
 N_COUNTERS = 15
 MAX_EVENTS_PER_FLOW = 64
 MAX_PENDING_PER_FLOW = 1024
+# tshark's TLS dissector (its TCP heuristic finds TLS on any port).
+TLS_PROTOCOL = "tls"
 
 
 @dataclass
@@ -87,6 +89,7 @@ class Flow:
         "state",
         "syn_us",
         "synack_us",
+        "tls",
         "transport",
         "upgraded",
     )
@@ -114,6 +117,7 @@ class Flow:
         self.fin_sides = 0
         self.closed_us: int | None = None
         self.upgraded = False
+        self.tls = False
         self.events: deque[tuple[int, str]] = deque(maxlen=MAX_EVENTS_PER_FLOW)
 
     def endpoints(self, client_side: int) -> Endpoints:
@@ -173,8 +177,12 @@ class Sessionizer:
         on_connection: Callable[[Connection], None] | None = None,
         config: SessionConfig | None = None,
         stats: Stats | None = None,
+        on_tls: Callable[[Endpoints, int], None] | None = None,
     ) -> None:
         self.config = config or SessionConfig()
+        # The TLS column, when the layout has one and someone listens.
+        self._tls = layout.index(TLS_PROTOCOL) if on_tls is not None else None
+        self.on_tls = on_tls or (lambda _e, _t: None)
         self.stats = stats or Stats()
         # Each parser with its protocol's column, filled in when the packet
         # carries the protocol (see ColumnLayout.build).
@@ -324,6 +332,14 @@ class Sessionizer:
                 flow.parser = (parser, present)
                 break
         else:
+            # No parser's protocol: only here is TLS looked for, so parsed
+            # connections pay nothing for it.
+            if self._tls is not None and not flow.tls and cols[self._tls]:
+                flow.tls = True
+                # The first TLS record is the client's hello unless the
+                # handshake said otherwise.
+                client = flow.client_side if flow.client_side is not None else side
+                self.on_tls(flow.endpoints(client), ts)
             return
         to_server = self._server_side(flow, side, sport, dport)
         try:
