@@ -122,6 +122,17 @@ class SecurityConfig(_Model):
         return self.waf.enabled or self.ddr.enabled
 
 
+class IsolationConfig(_Model):
+    """Standalone micro-isolation (docs/isolation.md); off without a rules file."""
+
+    # JSON file holding what a ProbePolicy's spec.isolation holds; re-read
+    # while the agent runs (emptied or removed: isolation off).
+    file: str | None = None
+    # Addresses or CIDRs never blocked, on top of the node's own addresses
+    # and the API server's (KUBERNETES_SERVICE_HOST).
+    protected: tuple[str, ...] = ()
+
+
 class AgentConfig(_Model):
     protocols: tuple[str, ...] = ALL_PROTOCOLS
     # Extra server ports per protocol, on top of each parser's defaults; tshark
@@ -136,3 +147,4 @@ class AgentConfig(_Model):
     session_reset_packets: int = Field(default=50_000, ge=10_000)
     export: ExportConfig = ExportConfig()
     security: SecurityConfig = SecurityConfig()
+    isolation: IsolationConfig = IsolationConfig()

@@ -226,6 +226,7 @@ def _judge(pol: ProbePolicy, config: OperatorConfig, now: datetime.datetime) -> 
         redaction=pol.spec.redaction,
         security=pol.spec.security if pol.spec.security != SecuritySpec() else None,
         export=_compile_export(otlp, pol),
+        isolation=pol.spec.isolation,
     )
     return verdict
 

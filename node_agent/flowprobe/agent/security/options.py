@@ -8,9 +8,10 @@ from collections.abc import Callable
 
 from flowprobe.agent.config import AgentConfig, DdrConfig, SecurityConfig, WafConfig
 from flowprobe.agent.export import otlp
+from flowprobe.agent.export.metrics import Metrics
 from flowprobe.agent.export.naming import RouteTable
 from flowprobe.agent.export.telemetry import Telemetry, agent_resource
-from flowprobe.agent.export.workloads import AddressResolver
+from flowprobe.agent.export.workloads import AddressResolver, WorkloadResolver
 from flowprobe.agent.security import ddr
 from flowprobe.agent.security.alerts import Alerts
 from flowprobe.agent.security.ddr import CATEGORIES
@@ -140,26 +141,40 @@ def build_stage(
     sec = config.security
     export = config.export
     waf = ModSecurity.with_crs(sec.waf, sec.body_max_bytes) if sec.waf.enabled else None
-    alerts = None
-    settings = None if export.console_spans else otlp.resolve(export.otlp, "logs")
-    if settings is not None:
-        resource = (
-            telemetry.agent_resource
-            if telemetry is not None
-            else agent_resource(export.agent_service_name)
-        )
-        alerts = Alerts(otlp.log_exporter(settings), resource).start()
-    metrics = (
-        telemetry.metrics
-        if telemetry is not None and telemetry.metric_exporter is not None
-        else None
-    )
     return SecurityStage(
         sec,
         downstream,
-        telemetry.resolver if telemetry is not None else AddressResolver(export.service_names),
+        resolver(config, telemetry),
         RouteTable(export.routes),
-        metrics,
-        alerts,
+        metrics(telemetry),
+        build_alerts(config, telemetry),
         waf,
     ).start()
+
+
+def build_alerts(config: AgentConfig, telemetry: Telemetry | None) -> Alerts | None:
+    """OTLP log records when OTLP is configured (raises OtlpConfigError)."""
+    export = config.export
+    settings = None if export.console_spans else otlp.resolve(export.otlp, "logs")
+    if settings is None:
+        return None
+    resource = (
+        telemetry.agent_resource
+        if telemetry is not None
+        else agent_resource(export.agent_service_name)
+    )
+    return Alerts(otlp.log_exporter(settings), resource).start()
+
+
+def metrics(telemetry: Telemetry | None) -> Metrics | None:
+    """The agent's metrics, when they are exported."""
+    if telemetry is not None and telemetry.metric_exporter is not None:
+        return telemetry.metrics
+    return None
+
+
+def resolver(config: AgentConfig, telemetry: Telemetry | None) -> WorkloadResolver:
+    """Who is at each end: the sink's resolver, or names from the configuration."""
+    if telemetry is not None:
+        return telemetry.resolver
+    return AddressResolver(config.export.service_names)

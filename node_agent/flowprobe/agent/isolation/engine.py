@@ -1,0 +1,374 @@
+"""Isolation rules on finalised exchanges, and the thread that enforces what they decide.
+
+    capture or security thread --submit()--> rules (a few comparisons) --> [queue]
+        --isolation thread--> nft (Enforce) or nothing (DryRun), log record, metric, log line
+
+Matching is cheap and never blocks the caller; ``nft`` runs only on the
+isolation thread. A decision for a (source, destination, port) already
+blocked and not yet expired is dropped before it is queued, so a flood of
+denied requests costs one ``nft`` call per TTL. The node's own addresses,
+the API server's and ``protectedCidrs`` are never blocked (counted as
+``protected``). Dry-run, the default, changes nothing on the host.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import logging
+import re
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from flowprobe.agent.export import semconv as sc
+from flowprobe.agent.export.metrics import Instrument, Metrics
+from flowprobe.agent.export.workloads import Workload, WorkloadResolver
+from flowprobe.agent.isolation.nft import NftError, NftTable
+from flowprobe.agent.parse.messages import AttrValue
+from flowprobe.agent.security.alerts import Alerts
+from flowprobe.agent.security.modsec import SEVERITIES
+from flowprobe.agent.security.stage import WAF_MATCH
+from flowprobe.agent.sessionize.records import Exchange
+from flowprobe.api.v1alpha1 import (
+    IsolationMode,
+    IsolationPeer,
+    IsolationRule,
+    IsolationRuleType,
+    IsolationSpec,
+)
+
+log = logging.getLogger("flowprobe.agent")
+
+ISOLATION_EVENT = "flowprobe.isolation.block"
+ISOLATION_ACTIONS = Instrument(
+    "flowprobe.isolation.actions",
+    "{action}",
+    "Isolation decisions by rule and action: blocked, would_block (dry run), protected, failed.",
+)
+# Edges remembered by DenyNewEdge rules (beyond this, new edges are not
+# remembered, counted as edges_full, and so not allowed later either), and
+# blocks remembered to drop repeated decisions (expired ones are forgotten).
+MAX_EDGES = 100_000
+_POLL_S = 0.1
+POLL_RULES_S = 0.5
+NAMESPACE = "k8s.namespace.name"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    rule: str
+    source: str
+    destination: str
+    port: int
+    seconds: int
+    at_us: int
+    reason: str
+    client: Workload | None
+    server: Workload | None
+
+
+def _networks(cidrs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(c, strict=False) for c in cidrs]
+
+
+class _Peer:
+    def __init__(self, peer: IsolationPeer) -> None:
+        self.workloads = frozenset(peer.workloads)
+        self.namespaces = frozenset(peer.namespaces)
+        self.networks = _networks(peer.cidrs)
+        self.ports = frozenset(peer.ports)
+
+    def matches(self, wl: Workload | None, address: str, port: int | None = None) -> bool:
+        if self.ports and port not in self.ports:
+            return False
+        if self.workloads and (wl is None or wl.name not in self.workloads):
+            return False
+        if self.namespaces:
+            ns = dict(wl.attributes).get(NAMESPACE) if wl is not None else None
+            if ns not in self.namespaces:
+                return False
+        if self.networks:
+            ip = ipaddress.ip_address(address)
+            if not any(ip in net for net in self.networks):
+                return False
+        return True
+
+
+def _path_regex(patterns: list[str]) -> re.Pattern[str] | None:
+    """Glob patterns (``*`` crosses ``/``) as one regular expression."""
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+class _Rule:
+    def __init__(self, rule: IsolationRule, block_seconds: int, started_us: int) -> None:
+        self.name = rule.name
+        self.type = rule.type
+        self.source = _Peer(rule.source)
+        self.to = _Peer(rule.to)
+        self.methods = frozenset(str(m) for m in rule.methods)
+        self.paths = _path_regex(rule.paths)
+        self.seconds = rule.block_seconds or block_seconds
+        self.learn_until_us = started_us + (rule.learning_seconds or 0) * 1_000_000
+        self.min_rank = (
+            SEVERITIES.index(rule.min_severity.upper()) if rule.min_severity is not None else 2
+        )
+        self.edges: set[tuple[str, str]] = set()
+
+
+class IsolationEngine:
+    def __init__(
+        self,
+        resolver: WorkloadResolver,
+        table: NftTable | None = None,
+        metrics: Metrics | None = None,
+        alerts: Alerts | None = None,
+        protected: Iterable[str] = (),
+        poll: Callable[[], None] | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.table = table or NftTable()
+        self.metrics = metrics
+        self.alerts = alerts
+        self.counts: Counter[str] = Counter()
+        # Called on the isolation thread every POLL_RULES_S (the CLI re-reads its file).
+        self.poll = poll
+        self._static_protected = _networks(
+            f"{a}/{32 if ':' not in a else 128}" if "/" not in a else a for a in protected
+        )
+        self._protected = list(self._static_protected)
+        # Replaced whole by configure(): submit() reads them without a lock.
+        self.spec: IsolationSpec | None = None
+        self._rules: list[_Rule] = []
+        self._until: dict[tuple[str, str, int], float] = {}
+        self._queue: deque[Decision] = deque()
+        self._lock = threading.Lock()
+        self._table_up = False
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="flowprobe-isolation", daemon=True)
+        self._failed = False
+
+    # -- configuration (any thread) -----------------------------------------
+
+    def configure(self, spec: IsolationSpec | None, host_addresses: Iterable[str] = ()) -> None:
+        """New rules: every block of the previous ones is lifted (the table is rebuilt or removed)."""
+        with self._lock:
+            now_us = int(time.time() * 1_000_000)
+            self._protected = self._static_protected + _networks(
+                f"{a}/{32 if ':' not in a else 128}" for a in host_addresses
+            )
+            if spec is not None:
+                self._protected += _networks(spec.protected_cidrs)
+            self._rules = [_Rule(r, spec.block_seconds, now_us) for r in spec.rules] if spec else []
+            self.spec = spec
+            self._until = {}
+            self._queue.clear()
+            enforce = spec is not None and spec.mode == IsolationMode.ENFORCE
+            try:
+                if enforce:
+                    self.table.replace()
+                elif self._table_up or self.table.exists():
+                    self.table.delete()
+                self._table_up = enforce
+            except NftError as exc:
+                self._fail_once(f"setting up the nftables table failed: {exc}")
+        log.info(
+            "isolation: %s, %d rule(s)",
+            spec.mode if spec is not None else "off",
+            len(self._rules),
+        )
+
+    # -- capture / security thread -------------------------------------------
+
+    def submit(self, ex: Exchange) -> None:
+        rules = self._rules
+        if not rules:
+            return
+        try:
+            self._evaluate(ex, rules)
+        except Exception:
+            self._fail_once("evaluating an exchange failed")
+
+    def _evaluate(self, ex: Exchange, rules: list[_Rule]) -> None:
+        ep = ex.endpoints
+        client = self.resolver.client(ep.client_address, ex.start_us)
+        server = self.resolver.server(ep.server_address, ep.server_port, ex.start_us)
+        for rule in rules:
+            if not (
+                rule.source.matches(client, ep.client_address)
+                and rule.to.matches(server, ep.server_address, ep.server_port)
+            ):
+                continue
+            reason = self._reason(rule, ex, client, server)
+            if reason is None:
+                continue
+            key = (ep.client_address, ep.server_address, ep.server_port)
+            now = time.monotonic()
+            until = self._until
+            if until.get(key, 0.0) > now:
+                self.counts["already_blocked"] += 1
+                return
+            if len(until) >= MAX_EDGES:
+                for k in [k for k, t in until.items() if t <= now]:
+                    del until[k]
+            until[key] = now + rule.seconds
+            self._queue.append(
+                Decision(rule.name, *key, rule.seconds, ex.start_us, reason, client, server)
+            )
+            return
+
+    def _reason(
+        self, rule: _Rule, ex: Exchange, client: Workload | None, server: Workload | None
+    ) -> str | None:
+        a = ex.attrs
+        if rule.type == IsolationRuleType.DENY_REQUEST:
+            method = a.get(sc.HTTP_REQUEST_METHOD)
+            if method is None:
+                return None
+            path = str(a.get(sc.URL_PATH) or "/")
+            if rule.methods and method not in rule.methods:
+                return None
+            if rule.paths is not None and not rule.paths.match(path):
+                return None
+            return f"{method} {path}"
+        if rule.type == IsolationRuleType.DENY_NEW_EDGE:
+            edge = (
+                client.name if client else ex.endpoints.client_address,
+                server.name if server else f"{ex.endpoints.server_address}",
+            )
+            if edge in rule.edges:
+                return None
+            if ex.start_us < rule.learn_until_us:
+                if len(rule.edges) < MAX_EDGES:
+                    rule.edges.add(edge)
+                else:
+                    self.counts["edges_full"] += 1
+                return None
+            return f"new edge {edge[0]} -> {edge[1]}"
+        for _at, name, attrs in ex.security_events:
+            if name != WAF_MATCH:
+                continue
+            severity = str(attrs.get("flowprobe.waf.rule.severity", "")).upper()
+            if severity in SEVERITIES and SEVERITIES.index(severity) <= rule.min_rank:
+                return f"WAF rule {attrs.get('flowprobe.waf.rule.id')} ({severity})"
+        return None
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def start(self) -> IsolationEngine:
+        self._thread.start()
+        return self
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Enforce what is queued, then lift every block: the table goes with the agent."""
+        self._closing.set()
+        if self._thread.ident is not None:
+            self._thread.join(timeout_s)
+        with self._lock:
+            self._rules = []
+            try:
+                if self._table_up:
+                    self.table.delete()
+                    self._table_up = False
+            except NftError as exc:
+                self._fail_once(f"removing the nftables table failed: {exc}")
+        if self.alerts is not None:
+            self.alerts.close()
+
+    def totals(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    # -- isolation thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        queue = self._queue
+        next_poll = 0.0
+        while True:
+            if self.poll is not None and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + POLL_RULES_S
+                try:
+                    self.poll()
+                except Exception:
+                    self._fail_once("reading the rules failed")
+            if queue:
+                try:
+                    decision = queue.popleft()
+                except IndexError:  # cleared by configure() meanwhile
+                    continue
+                try:
+                    self._enforce(decision)
+                except Exception:
+                    self._fail_once("enforcing a decision failed")
+                continue
+            if self._closing.is_set():
+                return
+            self._closing.wait(_POLL_S)
+
+    def _protects(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self._protected)
+
+    def _enforce(self, d: Decision) -> None:
+        with self._lock:
+            spec = self.spec
+            if spec is None or not any(r.name == d.rule for r in self._rules):
+                return  # the rules changed since the decision
+            if self._protects(d.source) or self._protects(d.destination):
+                action = "protected"
+            elif spec.mode == IsolationMode.DRY_RUN:
+                action = "would_block"
+            else:
+                try:
+                    self.table.block(d.source, d.destination, d.port, d.seconds)
+                    action = "blocked"
+                except (NftError, ValueError) as exc:
+                    self._fail_once(f"blocking failed: {exc}")
+                    action = "failed"
+        self.counts[action] += 1
+        target = f"{d.destination}:{d.port}"
+        log.warning(
+            "isolation: %s %s -> %s for %ds (rule %s: %s)",
+            action,
+            d.source,
+            target,
+            d.seconds,
+            d.rule,
+            d.reason,
+        )
+        if self.metrics is not None:
+            self.metrics.count(
+                ISOLATION_ACTIONS,
+                (("flowprobe.isolation.rule", d.rule), ("flowprobe.isolation.action", action)),
+            )
+        if self.alerts is not None:
+            attrs: dict[str, AttrValue] = {
+                "flowprobe.isolation.rule": d.rule,
+                "flowprobe.isolation.action": action,
+                "flowprobe.isolation.mode": str(spec.mode),
+                "flowprobe.isolation.reason": d.reason,
+                "flowprobe.isolation.block_seconds": d.seconds,
+                sc.CLIENT_ADDRESS: d.source,
+                sc.SERVER_ADDRESS: d.destination,
+                sc.SERVER_PORT: d.port,
+            }
+            for side, wl in (("client", d.client), ("server", d.server)):
+                if wl is not None:
+                    attrs[f"flowprobe.{side}.service"] = wl.name
+                    attrs.update({f"flowprobe.{side}.{k}": v for k, v in wl.attributes})
+            self.alerts.emit(
+                ISOLATION_EVENT,
+                d.at_us,
+                "WARNING" if action in ("blocked", "would_block") else "NOTICE",
+                f"isolation {action}: {d.source} -> {target} (rule {d.rule}: {d.reason})",
+                attrs,
+            )
+
+    def _fail_once(self, what: str) -> None:
+        self.counts["error"] += 1
+        if not self._failed:
+            self._failed = True
+            log.error("isolation: %s (further failures are only counted)", what)
