@@ -34,6 +34,7 @@ from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.agent.enrich.watch import Watcher, now_us
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
+from flowprobe.agent.isolation.daemon import DaemonIsolation
 from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.api import constants
@@ -150,6 +151,7 @@ class Daemon:
             settings.health_address, settings.health_port, self.liveness, self.readiness
         )
         self.stop_event = threading.Event()
+        self.isolation = DaemonIsolation(self.index, api.base)
         # Replaced, never mutated: the capture thread reads it without a lock.
         self.telemetry: dict[str, Telemetry] = {}
         self.policy_set: CompiledPolicySet | None = None
@@ -175,6 +177,7 @@ class Daemon:
             # A bug on one exchange must not end the capture thread.
             self.stats.anomaly("enrichment_error", repr(exc))
             return
+        self.isolation.submit(ex, policies)
         telemetry = self.telemetry
         for key in dict.fromkeys(_export_key(p) for p in policies):
             sink = telemetry.get(key)
@@ -210,6 +213,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.switcher.stop()
+        self.isolation.close()
         for t in self.telemetry.values():
             t.close()
         self.telemetry = {}
@@ -263,6 +267,7 @@ class Daemon:
             self._active = ids
             self.engine.set_policies(active)
             self._sync_exports(active)
+            self.isolation.sync(active, lambda p: self.telemetry.get(_export_key(p)))
             self._scope_generation = -1
         gen = self.index.generation
         if gen != self._scope_generation:
@@ -356,6 +361,7 @@ class Daemon:
             "packets": self.stats.packets,
             "index": self.index.sizes(),
             "reports": self.reporter.reports,
+            "isolation": self.isolation.engine.totals(),
         }
 
 

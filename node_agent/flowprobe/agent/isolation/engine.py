@@ -20,7 +20,7 @@ import re
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from flowprobe.agent.export import semconv as sc
@@ -105,14 +105,19 @@ def _path_regex(patterns: list[str]) -> re.Pattern[str] | None:
 
 
 class _Rule:
-    def __init__(self, rule: IsolationRule, block_seconds: int, started_us: int) -> None:
-        self.name = rule.name
+    def __init__(
+        self, scope: str, spec: IsolationSpec, rule: IsolationRule, started_us: int
+    ) -> None:
+        # Rules of several policies share the engine: "policy/rule" names them.
+        self.scope = scope
+        self.name = f"{scope}/{rule.name}" if scope else rule.name
+        self.mode = spec.mode
         self.type = rule.type
         self.source = _Peer(rule.source)
         self.to = _Peer(rule.to)
         self.methods = frozenset(str(m) for m in rule.methods)
         self.paths = _path_regex(rule.paths)
-        self.seconds = rule.block_seconds or block_seconds
+        self.seconds = rule.block_seconds or spec.block_seconds
         self.learn_until_us = started_us + (rule.learning_seconds or 0) * 1_000_000
         self.min_rank = (
             SEVERITIES.index(rule.min_severity.upper()) if rule.min_severity is not None else 2
@@ -141,8 +146,7 @@ class IsolationEngine:
             f"{a}/{32 if ':' not in a else 128}" if "/" not in a else a for a in protected
         )
         self._protected = list(self._static_protected)
-        # Replaced whole by configure(): submit() reads them without a lock.
-        self.spec: IsolationSpec | None = None
+        # Replaced whole by configure(): submit() reads it without a lock.
         self._rules: list[_Rule] = []
         self._until: dict[tuple[str, str, int], float] = {}
         self._queue: deque[Decision] = deque()
@@ -154,20 +158,27 @@ class IsolationEngine:
 
     # -- configuration (any thread) -----------------------------------------
 
-    def configure(self, spec: IsolationSpec | None, host_addresses: Iterable[str] = ()) -> None:
-        """New rules: every block of the previous ones is lifted (the table is rebuilt or removed)."""
+    def configure(
+        self, specs: Sequence[tuple[str, IsolationSpec]], host_addresses: Iterable[str] = ()
+    ) -> None:
+        """New rules, as (scope, spec) pairs (scope: the policy's name, "" standalone).
+
+        Every block made under the previous rules is lifted: the table is
+        rebuilt empty, or removed when no rule enforces.
+        """
         with self._lock:
             now_us = int(time.time() * 1_000_000)
             self._protected = self._static_protected + _networks(
                 f"{a}/{32 if ':' not in a else 128}" for a in host_addresses
             )
-            if spec is not None:
+            for _scope, spec in specs:
                 self._protected += _networks(spec.protected_cidrs)
-            self._rules = [_Rule(r, spec.block_seconds, now_us) for r in spec.rules] if spec else []
-            self.spec = spec
+            self._rules = [
+                _Rule(scope, spec, rule, now_us) for scope, spec in specs for rule in spec.rules
+            ]
             self._until = {}
             self._queue.clear()
-            enforce = spec is not None and spec.mode == IsolationMode.ENFORCE
+            enforce = any(r.mode == IsolationMode.ENFORCE for r in self._rules)
             try:
                 if enforce:
                     self.table.replace()
@@ -176,16 +187,16 @@ class IsolationEngine:
                 self._table_up = enforce
             except NftError as exc:
                 self._fail_once(f"setting up the nftables table failed: {exc}")
-        log.info(
-            "isolation: %s, %d rule(s)",
-            spec.mode if spec is not None else "off",
-            len(self._rules),
-        )
+        modes = sorted({str(r.mode) for r in self._rules})
+        log.info("isolation: %d rule(s) %s", len(self._rules), "/".join(modes) or "off")
 
     # -- capture / security thread -------------------------------------------
 
-    def submit(self, ex: Exchange) -> None:
+    def submit(self, ex: Exchange, scopes: Collection[str] | None = None) -> None:
+        """Evaluate ``ex`` against the rules (of ``scopes`` only, when given)."""
         rules = self._rules
+        if scopes is not None:
+            rules = [r for r in rules if r.scope in scopes]
         if not rules:
             return
         try:
@@ -259,6 +270,10 @@ class IsolationEngine:
 
     # -- lifecycle ----------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
     def start(self) -> IsolationEngine:
         self._thread.start()
         return self
@@ -314,12 +329,12 @@ class IsolationEngine:
 
     def _enforce(self, d: Decision) -> None:
         with self._lock:
-            spec = self.spec
-            if spec is None or not any(r.name == d.rule for r in self._rules):
+            rule = next((r for r in self._rules if r.name == d.rule), None)
+            if rule is None:
                 return  # the rules changed since the decision
             if self._protects(d.source) or self._protects(d.destination):
                 action = "protected"
-            elif spec.mode == IsolationMode.DRY_RUN:
+            elif rule.mode == IsolationMode.DRY_RUN:
                 action = "would_block"
             else:
                 try:
@@ -348,7 +363,7 @@ class IsolationEngine:
             attrs: dict[str, AttrValue] = {
                 "flowprobe.isolation.rule": d.rule,
                 "flowprobe.isolation.action": action,
-                "flowprobe.isolation.mode": str(spec.mode),
+                "flowprobe.isolation.mode": str(rule.mode),
                 "flowprobe.isolation.reason": d.reason,
                 "flowprobe.isolation.block_seconds": d.seconds,
                 sc.CLIENT_ADDRESS: d.source,

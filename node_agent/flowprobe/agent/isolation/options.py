@@ -73,6 +73,11 @@ def _read(path: Path) -> str:
         return ""
 
 
+def _scoped(spec: IsolationSpec | None) -> list[tuple[str, IsolationSpec]]:
+    # Standalone there is one set of rules, named as written.
+    return [("", spec)] if spec is not None else []
+
+
 def build_engine(config: AgentConfig, telemetry: Telemetry | None) -> IsolationEngine:
     """The engine, following ``config.isolation.file`` (raises ValueError, OSError,
     OtlpConfigError)."""
@@ -92,7 +97,7 @@ def build_engine(config: AgentConfig, telemetry: Telemetry | None) -> IsolationE
         alerts=build_alerts(config, telemetry),
         protected=protected,
     )
-    engine.configure(spec, host_addresses())
+    engine.configure(_scoped(spec), host_addresses())
 
     def poll() -> None:
         nonlocal last
@@ -106,7 +111,7 @@ def build_engine(config: AgentConfig, telemetry: Telemetry | None) -> IsolationE
             engine.counts["rules_invalid"] += 1
             log.warning("isolation: keeping the previous rules: %s", exc)
             return
-        engine.configure(rules, host_addresses())
+        engine.configure(_scoped(rules), host_addresses())
 
     engine.poll = poll
     return engine.start()
