@@ -321,8 +321,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     if config.isolation.file is not None:
         # After the security stage, when there is one: it sees the WAF's findings.
         try:
-            isolation = isolation_options.build_engine(config, telemetry)
-        except (otlp.OtlpConfigError, ValueError) as exc:
+            isolation = isolation_options.build_engine(
+                config, telemetry, enforce=args.command == "capture"
+            )
+        except (otlp.OtlpConfigError, ValueError, OSError) as exc:
             print(f"flowprobe-agent: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         sinks.exchange.append(isolation.submit)

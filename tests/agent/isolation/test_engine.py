@@ -147,7 +147,8 @@ def test_new_edge_after_learning_and_waf_severity() -> None:
     engine, table, _logs = _engine(rules)
     learned = _http(CLIENT, "GET", "/")
     engine.submit(learned)
-    later = NOW_US + 61_000_000
+    # Exchange times are capture times; the learning window starts at configure().
+    later = int(time.time() * 1_000_000) + 120_000_000
     known = _http(CLIENT, "GET", "/")
     known.start_us = later
     new = _http(OTHER, "GET", "/")

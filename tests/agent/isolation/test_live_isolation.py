@@ -19,9 +19,12 @@ from typing import Any
 
 import pytest
 
+from flowprobe.agent.isolation.engine import ISOLATION_EVENT
 from flowprobe.agent.isolation.nft import TABLE
 from flowprobe.devenv.netns import Node, Pod
+from flowprobe.devenv.nsproxy import Forwarder
 from flowprobe.devenv.servers import start_http
+from tests.agent.export.fakes import FakeGrpcReceiver, attrs
 from tests.agent.helpers import stop_agent
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
@@ -160,17 +163,44 @@ def test_dry_run_blocks_nothing_but_reports(
 ) -> None:
     node, c1, _c2, api = pods
     rules = {k: v for k, v in DENY_ADMIN.items() if k != "mode"}  # DryRun is the default
-    agent = start(node, tmp_path, rules)
-    assert request(c1, api, "POST", "/admin") == "200"
-    for _ in range(3):
-        assert request(c1, api) == "200"
-        assert request(c1, api, "POST", "/admin") == "200"
-    assert blocks(node) is None
-    stop_agent(agent)
+    receiver = FakeGrpcReceiver()
+    try:
+        # The receiver listens on the machine's loopback; the agent reaches it from the node.
+        with Forwarder(
+            ("127.0.0.1", 0), ("127.0.0.1", receiver.port), listen_netns=node.netns
+        ) as fwd:
+            otlp = ["--otlp-endpoint", f"http://127.0.0.1:{fwd.port}", "--otlp-insecure"]
+            agent = start(node, tmp_path, rules, *otlp)
+            assert request(c1, api, "POST", "/admin") == "200"
+            for _ in range(3):
+                assert request(c1, api) == "200"
+                assert request(c1, api, "POST", "/admin") == "200"
+            assert blocks(node) is None
+            stop_agent(agent)
+    finally:
+        receiver.stop()
     counts = stats(tmp_path)
     # One report per (client, server, port) and TTL; the repeats are only counted.
     assert counts["would_block"] == 1 and counts.get("blocked", 0) == 0, counts
     assert counts["already_blocked"] >= 1, counts
+    records = [
+        lr
+        for req in receiver.received.logs
+        for rl in req.resource_logs
+        for sl in rl.scope_logs
+        for lr in sl.log_records
+        if lr.event_name == ISOLATION_EVENT
+    ]
+    assert len(records) == 1
+    got = attrs(records[0].attributes)
+    assert got["flowprobe.isolation.action"] == "would_block"
+    assert got["flowprobe.isolation.mode"] == "DryRun"
+    assert (got["client.address"], got["server.address"], got["server.port"]) == (
+        c1.ip,
+        api.ip,
+        8080,
+    )
+    assert "flowprobe.isolation.actions" in receiver.received.metric_names()
 
 
 def test_restart_after_a_crash_leaves_no_stale_rules(

@@ -134,6 +134,7 @@ class IsolationEngine:
         alerts: Alerts | None = None,
         protected: Iterable[str] = (),
         poll: Callable[[], None] | None = None,
+        enforce: bool = True,
     ) -> None:
         self.resolver = resolver
         self.table = table or NftTable()
@@ -142,6 +143,9 @@ class IsolationEngine:
         self.counts: Counter[str] = Counter()
         # Called on the isolation thread every POLL_RULES_S (the CLI re-reads its file).
         self.poll = poll
+        # False: every rule runs as DryRun and the host's nftables are never
+        # touched (replaying a capture file must not block live traffic).
+        self.enforce = enforce
         self._static_protected = _networks(
             f"{a}/{32 if ':' not in a else 128}" if "/" not in a else a for a in protected
         )
@@ -173,16 +177,20 @@ class IsolationEngine:
             )
             for _scope, spec in specs:
                 self._protected += _networks(spec.protected_cidrs)
-            self._rules = [
+            rules = [
                 _Rule(scope, spec, rule, now_us) for scope, spec in specs for rule in spec.rules
             ]
+            if not self.enforce:
+                for r in rules:
+                    r.mode = IsolationMode.DRY_RUN
             self._until = {}
             self._queue.clear()
-            enforce = any(r.mode == IsolationMode.ENFORCE for r in self._rules)
+            self._rules = rules
+            enforce = any(r.mode == IsolationMode.ENFORCE for r in rules)
             try:
                 if enforce:
                     self.table.replace()
-                elif self._table_up or self.table.exists():
+                elif self._table_up or (self.enforce and self.table.exists()):
                     self.table.delete()
                 self._table_up = enforce
             except NftError as exc:

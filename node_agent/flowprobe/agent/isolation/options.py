@@ -78,9 +78,11 @@ def _scoped(spec: IsolationSpec | None) -> list[tuple[str, IsolationSpec]]:
     return [("", spec)] if spec is not None else []
 
 
-def build_engine(config: AgentConfig, telemetry: Telemetry | None) -> IsolationEngine:
+def build_engine(
+    config: AgentConfig, telemetry: Telemetry | None, enforce: bool
+) -> IsolationEngine:
     """The engine, following ``config.isolation.file`` (raises ValueError, OSError,
-    OtlpConfigError)."""
+    OtlpConfigError); ``enforce`` False runs every rule as DryRun."""
     iso = config.isolation
     assert iso.file is not None
     path = Path(iso.file)
@@ -96,6 +98,7 @@ def build_engine(config: AgentConfig, telemetry: Telemetry | None) -> IsolationE
         metrics=metrics(telemetry),
         alerts=build_alerts(config, telemetry),
         protected=protected,
+        enforce=enforce,
     )
     engine.configure(_scoped(spec), host_addresses())
 
