@@ -81,20 +81,49 @@ class _Peer:
         self.networks = _networks(peer.cidrs)
         self.ports = frozenset(peer.ports)
 
-    def matches(self, wl: Workload | None, address: str, port: int | None = None) -> bool:
+    def matches(self, end: _End, port: int | None = None) -> bool:
+        # Cheapest first: most exchanges fail on the port or the address.
         if self.ports and port not in self.ports:
             return False
-        if self.workloads and (wl is None or wl.name not in self.workloads):
-            return False
-        if self.namespaces:
-            ns = dict(wl.attributes).get(NAMESPACE) if wl is not None else None
-            if ns not in self.namespaces:
-                return False
         if self.networks:
-            ip = ipaddress.ip_address(address)
+            ip = end.ip
             if not any(ip in net for net in self.networks):
                 return False
+        if self.workloads or self.namespaces:
+            wl = end.workload
+            if self.workloads and (wl is None or wl.name not in self.workloads):
+                return False
+            if self.namespaces:
+                ns = dict(wl.attributes).get(NAMESPACE) if wl is not None else None
+                if ns not in self.namespaces:
+                    return False
         return True
+
+
+class _End:
+    """One end of an exchange; its parsed address and workload are looked up once, if needed."""
+
+    __slots__ = ("_ip", "_looked_up", "_resolve", "_workload", "address")
+
+    def __init__(self, address: str, resolve: Callable[[], Workload | None]) -> None:
+        self.address = address
+        self._resolve = resolve
+        self._ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        self._workload: Workload | None = None
+        self._looked_up = False
+
+    @property
+    def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+        if self._ip is None:
+            self._ip = ipaddress.ip_address(self.address)
+        return self._ip
+
+    @property
+    def workload(self) -> Workload | None:
+        if not self._looked_up:
+            self._workload = self._resolve()
+            self._looked_up = True
+        return self._workload
 
 
 def _path_regex(patterns: list[str]) -> re.Pattern[str] | None:
@@ -214,15 +243,23 @@ class IsolationEngine:
 
     def _evaluate(self, ex: Exchange, rules: list[_Rule]) -> None:
         ep = ex.endpoints
-        client = self.resolver.client(ep.client_address, ex.start_us)
-        server = self.resolver.server(ep.server_address, ep.server_port, ex.start_us)
+        at = ex.start_us
+        resolver = self.resolver
+        client = _End(ep.client_address, lambda: resolver.client(ep.client_address, at))
+        server = _End(
+            ep.server_address, lambda: resolver.server(ep.server_address, ep.server_port, at)
+        )
         for rule in rules:
-            if not (
-                rule.source.matches(client, ep.client_address)
-                and rule.to.matches(server, ep.server_address, ep.server_port)
-            ):
+            # What the exchange carries is checked before who made it (cheaper);
+            # a new edge is only learned between matching peers.
+            new_edge = rule.type == IsolationRuleType.DENY_NEW_EDGE
+            reason = None if new_edge else self._reason(rule, ex)
+            if not new_edge and reason is None:
                 continue
-            reason = self._reason(rule, ex, client, server)
+            if not (rule.source.matches(client) and rule.to.matches(server, ep.server_port)):
+                continue
+            if new_edge:
+                reason = self._new_edge(rule, ex, client, server)
             if reason is None:
                 continue
             key = (ep.client_address, ep.server_address, ep.server_port)
@@ -236,38 +273,23 @@ class IsolationEngine:
                     del until[k]
             until[key] = now + rule.seconds
             self._queue.append(
-                Decision(rule.name, *key, rule.seconds, ex.start_us, reason, client, server)
+                Decision(
+                    rule.name, *key, rule.seconds, at, reason, client.workload, server.workload
+                )
             )
             return
 
-    def _reason(
-        self, rule: _Rule, ex: Exchange, client: Workload | None, server: Workload | None
-    ) -> str | None:
+    def _reason(self, rule: _Rule, ex: Exchange) -> str | None:
+        """Why a DenyRequest or BlockOnWafMatch rule fires on ``ex``, or None."""
         a = ex.attrs
         if rule.type == IsolationRuleType.DENY_REQUEST:
             method = a.get(sc.HTTP_REQUEST_METHOD)
-            if method is None:
+            if method is None or (rule.methods and method not in rule.methods):
                 return None
             path = str(a.get(sc.URL_PATH) or "/")
-            if rule.methods and method not in rule.methods:
-                return None
             if rule.paths is not None and not rule.paths.match(path):
                 return None
             return f"{method} {path}"
-        if rule.type == IsolationRuleType.DENY_NEW_EDGE:
-            edge = (
-                client.name if client else ex.endpoints.client_address,
-                server.name if server else f"{ex.endpoints.server_address}",
-            )
-            if edge in rule.edges:
-                return None
-            if ex.start_us < rule.learn_until_us:
-                if len(rule.edges) < MAX_EDGES:
-                    rule.edges.add(edge)
-                else:
-                    self.counts["edges_full"] += 1
-                return None
-            return f"new edge {edge[0]} -> {edge[1]}"
         for _at, name, attrs in ex.security_events:
             if name != WAF_MATCH:
                 continue
@@ -275,6 +297,23 @@ class IsolationEngine:
             if severity in SEVERITIES and SEVERITIES.index(severity) <= rule.min_rank:
                 return f"WAF rule {attrs.get('flowprobe.waf.rule.id')} ({severity})"
         return None
+
+    def _new_edge(self, rule: _Rule, ex: Exchange, client: _End, server: _End) -> str | None:
+        """Why a DenyNewEdge rule fires: an edge first seen after learning; or None."""
+        cw, sw = client.workload, server.workload
+        edge = (
+            cw.name if cw else client.address,
+            sw.name if sw else f"{server.address}:{ex.endpoints.server_port}",
+        )
+        if edge in rule.edges:
+            return None
+        if ex.start_us < rule.learn_until_us:
+            if len(rule.edges) < MAX_EDGES:
+                rule.edges.add(edge)
+            else:
+                self.counts["edges_full"] += 1
+            return None
+        return f"new edge {edge[0]} -> {edge[1]}"
 
     # -- lifecycle ----------------------------------------------------------
 

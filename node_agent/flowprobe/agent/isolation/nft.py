@@ -57,15 +57,18 @@ class Block:
 
 
 class NftTable:
-    def __init__(self, table: str = TABLE, nft: str | None = None) -> None:
+    def __init__(
+        self, table: str = TABLE, nft: str | None = None, netns: str | None = None
+    ) -> None:
         self.table = table
-        found = nft or shutil.which("nft") or "/usr/sbin/nft"
-        self.nft = found
+        nft = nft or shutil.which("nft") or "/usr/sbin/nft"
+        # netns: an ``ip netns`` name to work in (benchmarks); None: the agent's own.
+        self.argv = ["ip", "netns", "exec", netns, nft] if netns else [nft]
 
     def _run(self, args: list[str], script: str | None = None) -> str:
         try:
             r = subprocess.run(
-                [self.nft, *args], input=script, capture_output=True, text=True, timeout=30
+                [*self.argv, *args], input=script, capture_output=True, text=True, timeout=30
             )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise NftError(f"nft: {exc}") from None
