@@ -207,7 +207,12 @@ def test_restart_after_a_crash_leaves_no_stale_rules(
     pods: tuple[Node, Pod, Pod, Pod], tmp_path: Path
 ) -> None:
     node, c1, c2, api = pods
-    agent = start(node, tmp_path, DENY_ADMIN)
+    # Workloads by the names the standalone agent gives them (--service-name).
+    named = {**NO_ADMIN, "from": {"workloads": ["frontend"]}, "to": {"workloads": ["api"]}}
+    rules = {**DENY_ADMIN, "rules": [named]}
+    names = ["--service-name", f"{c1.ip}=frontend", "--service-name", f"{api.ip}:8080=api"]
+    agent = start(node, tmp_path, rules, *names)
+    assert request(c2, api, "POST", "/admin") == "200"  # not the frontend
     assert request(c1, api, "POST", "/admin") == "200"
     wait_for("the block", lambda: blocks(node) == {(c1.ip, api.ip, 8080)})
     os.killpg(agent.pid, signal.SIGKILL)
@@ -216,7 +221,7 @@ def test_restart_after_a_crash_leaves_no_stale_rules(
     assert blocks(node) == {(c1.ip, api.ip, 8080)}
     assert request(c1, api) == "ConnectionRefusedError"
     # ... until the next agent starts, which begins with an empty table.
-    agent = start(node, tmp_path, DENY_ADMIN)
+    agent = start(node, tmp_path, rules, *names)
     assert blocks(node) == set()
     assert request(c1, api) == "200"
     assert request(c2, api) == "200"
@@ -242,3 +247,25 @@ def test_critical_crs_match_blocks_the_source(
     stop_agent(agent)
     assert blocks(node) is None
     assert stats(tmp_path)["blocked"] == 1
+
+
+def test_new_edge_after_learning_is_blocked(
+    pods: tuple[Node, Pod, Pod, Pod], tmp_path: Path
+) -> None:
+    node, c1, c2, api = pods
+    learning_s = 15
+    rule = {"name": "edges", "type": "DenyNewEdge", "learningSeconds": learning_s}
+    rules = {"mode": "Enforce", "rules": [{**rule, "to": {"ports": [8080]}}]}
+    agent = start(node, tmp_path, rules)
+    # The window opened before the agent said it captures: it ends before this.
+    learning_ends = time.monotonic() + learning_s
+    assert request(c1, api) == "200"  # learned
+    # The feature is a time window: nothing to poll until it has passed.
+    time.sleep(max(0.0, learning_ends - time.monotonic()) + 0.5)
+    assert request(c1, api) == "200"
+    assert request(c2, api) == "200"  # a new edge: reported and blocked after the exchange
+    wait_for("the block", lambda: blocks(node) == {(c2.ip, api.ip, 8080)})
+    assert request(c2, api) == "ConnectionRefusedError"
+    assert request(c1, api) == "200"
+    stop_agent(agent)
+    assert stats(tmp_path) == {"blocked": 1}
