@@ -12,6 +12,7 @@ whenever the rules change.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import socket
 import threading
@@ -23,12 +24,14 @@ from flowprobe.agent.enrich.index import ClusterIndex
 from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.agent.export.otlp import OtlpConfigError
 from flowprobe.agent.export.telemetry import Telemetry
-from flowprobe.agent.isolation.engine import IsolationEngine, log
+from flowprobe.agent.isolation.engine import IsolationEngine
 from flowprobe.agent.isolation.nft import host_addresses
 from flowprobe.agent.security.options import build_alerts, metrics
 from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.api.policyset import CompiledPolicy
 from flowprobe.api.v1alpha1 import IsolationSpec
+
+log = logging.getLogger("flowprobe.agent.daemon")
 
 
 def api_server_addresses(url: str, service_host: str | None) -> list[str]:

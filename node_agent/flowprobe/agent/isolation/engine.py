@@ -38,6 +38,7 @@ from flowprobe.api.v1alpha1 import (
     IsolationRule,
     IsolationRuleType,
     IsolationSpec,
+    WafSeverity,
 )
 
 log = logging.getLogger("flowprobe.agent")
@@ -71,6 +72,7 @@ class Decision:
 
 
 def _networks(cidrs: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    # A bare address is its /32 (/128).
     return [ipaddress.ip_network(c, strict=False) for c in cidrs]
 
 
@@ -148,9 +150,7 @@ class _Rule:
         self.paths = _path_regex(rule.paths)
         self.seconds = rule.block_seconds or spec.block_seconds
         self.learn_until_us = started_us + (rule.learning_seconds or 0) * 1_000_000
-        self.min_rank = (
-            SEVERITIES.index(rule.min_severity.upper()) if rule.min_severity is not None else 2
-        )
+        self.min_rank = SEVERITIES.index((rule.min_severity or WafSeverity.CRITICAL).upper())
         self.edges: set[tuple[str, str]] = set()
 
 
@@ -175,9 +175,7 @@ class IsolationEngine:
         # False: every rule runs as DryRun and the host's nftables are never
         # touched (replaying a capture file must not block live traffic).
         self.enforce = enforce
-        self._static_protected = _networks(
-            f"{a}/{32 if ':' not in a else 128}" if "/" not in a else a for a in protected
-        )
+        self._static_protected = _networks(protected)
         self._protected = list(self._static_protected)
         # Replaced whole by configure(): submit() reads it without a lock.
         self._rules: list[_Rule] = []
@@ -201,9 +199,7 @@ class IsolationEngine:
         """
         with self._lock:
             now_us = int(time.time() * 1_000_000)
-            self._protected = self._static_protected + _networks(
-                f"{a}/{32 if ':' not in a else 128}" for a in host_addresses
-            )
+            self._protected = self._static_protected + _networks(host_addresses)
             for _scope, spec in specs:
                 self._protected += _networks(spec.protected_cidrs)
             rules = [
