@@ -50,6 +50,7 @@ bench: deps backends-tools cluster-tools
 	$(PY) -m flowprobe.devenv.bench
 	$(PY) -m flowprobe.devenv.livebench
 	$(PY) -m flowprobe.devenv.secbench
+	$(PY) -m flowprobe.devenv.isolationbench
 	$(MAKE) bench-operator
 	$(MAKE) bench-enrich
 

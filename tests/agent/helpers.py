@@ -19,7 +19,7 @@ from flowprobe.agent.parse.base import Parser
 from flowprobe.agent.parse.messages import L7Message
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.stats import Stats
-from flowprobe.devenv.pcapgen import ACK, FIN, SYN, Conn, write_frames
+from flowprobe.devenv.pcapgen import ACK, FIN, PSH, SYN, Conn, write_frames
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -151,6 +151,16 @@ def handshake(c: Conn) -> list[bytes]:
 
 def close(c: Conn) -> list[bytes]:
     return [c.segment(True, FIN | ACK), c.segment(False, FIN | ACK), c.segment(True, ACK)]
+
+
+def one_exchange(c: Conn, request: bytes, response: bytes) -> list[bytes]:
+    """A whole connection carrying one request and its response, each in one segment."""
+    return [
+        *handshake(c),
+        c.segment(True, ACK | PSH, request),
+        c.segment(False, ACK | PSH, response),
+        *close(c),
+    ]
 
 
 # A minimal HTTP exchange for synthetic pcaps.

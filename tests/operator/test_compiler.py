@@ -70,6 +70,19 @@ def test_anomaly_settings_reach_the_agents_only_when_on() -> None:
     assert CompiledPolicySet.from_json(comp.policy_set.to_json()) == comp.policy_set
 
 
+def test_isolation_rules_reach_the_agents_only_when_set() -> None:
+    rule = {"name": "no-admin", "type": "DenyRequest", "paths": ["/admin/*"]}
+    isolation = {"mode": "Enforce", "rules": [rule]}
+    comp = _compile(policy_body("web"), policy_body("api", spec=_spec(isolation=isolation)))
+    entries = {p.name: p for p in comp.policy_set.policies}
+    assert entries["web"].isolation is None
+    api = entries["api"].isolation
+    assert api is not None and api.mode == "Enforce" and api.rules[0].paths == ["/admin/*"]
+    text = comp.policy_set.to_json()
+    assert '"isolation"' in text and '"from"' in text
+    assert CompiledPolicySet.from_json(text) == comp.policy_set
+
+
 def test_without_any_export_endpoint_the_policy_is_not_applied() -> None:
     config = make_config(defaultExport=None)
     comp = _compile(policy_body("web"), config=config)

@@ -171,6 +171,32 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
         },
         'spec.redaction.patterns[1]: Duplicate value: {"name":"a"}',
     ),
+    "isolation deny request without methods or paths": (
+        {**OK, "isolation": {"rules": [{"name": "r", "type": "DenyRequest"}]}},
+        "a DenyRequest rule needs methods or paths",
+    ),
+    "isolation new edge without learning": (
+        {**OK, "isolation": {"rules": [{"name": "r", "type": "DenyNewEdge"}]}},
+        "learningSeconds is required with type DenyNewEdge",
+    ),
+    "isolation waf rule without waf": (
+        {**OK, "isolation": {"rules": [{"name": "r", "type": "BlockOnWafMatch"}]}},
+        "isolation rules of type BlockOnWafMatch need spec.security.waf.mode DetectionOnly",
+    ),
+    "isolation bad cidr": (
+        {
+            **OK,
+            "isolation": {
+                "rules": [{"name": "r", "type": "DenyNewEdge", "learningSeconds": 0}],
+                "protectedCidrs": ["10.0.0.0/33"],
+            },
+        },
+        "every entry must be an IP address or a CIDR",
+    ),
+    "isolation no rules": (
+        {**OK, "isolation": {"rules": []}},
+        "spec.isolation.rules in body should have at least 1 items",
+    ),
 }
 
 
@@ -212,3 +238,24 @@ def test_defaults_are_filled_in_and_columns_printed(crds: LocalCluster) -> None:
         assert "crd-defaults" in crds.kubectl("get", "probes").stdout
     finally:
         crds.kubectl("delete", "probepolicy", "crd-defaults", "--wait=false")
+
+
+def test_isolation_defaults_are_filled_in(crds: LocalCluster) -> None:
+    rules = [
+        {"name": "admin", "type": "DenyRequest", "paths": ["/admin/*"], "to": {"ports": [8080]}},
+        {"name": "crs", "type": "BlockOnWafMatch", "minSeverity": "Critical"},
+        {"name": "edges", "type": "DenyNewEdge", "learningSeconds": 600},
+    ]
+    spec = {
+        "namespaceSelector": {},
+        "security": {"waf": {"mode": "DetectionOnly"}},
+        "isolation": {"rules": rules},
+    }
+    code, output = _apply(crds, "crd-isolation", spec)
+    assert code == 0, output
+    try:
+        got = get_json(crds, "probepolicy", "crd-isolation")["spec"]["isolation"]
+        assert got["mode"] == "DryRun" and got["blockSeconds"] == 300
+        assert got["rules"][0]["from"] == {} and got["rules"][0]["to"] == {"ports": [8080]}
+    finally:
+        crds.kubectl("delete", "probepolicy", "crd-isolation", "--wait=false")

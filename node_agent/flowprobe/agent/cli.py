@@ -28,6 +28,8 @@ from flowprobe.agent.export.selfmetrics import ExportCounters, SelfMetrics
 from flowprobe.agent.export.summary import Summary
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.export.workloads import parse_service_name_rule
+from flowprobe.agent.isolation import options as isolation_options
+from flowprobe.agent.isolation.engine import IsolationEngine
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.security import options as security_options
 from flowprobe.agent.security.modsec import WafError
@@ -157,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_options(common)
     security_options.add_arguments(common)
     analyze_options.add_arguments(common)
+    isolation_options.add_arguments(common)
     rd = sub.add_parser("read", parents=[common], help="read pcap/pcapng files (gzip too)")
     rd.add_argument("files", nargs="+")
     rd.add_argument(
@@ -219,6 +222,7 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         export=export,
         security=security_options.from_args(args),
         anomalies=analyze_options.from_args(args),
+        isolation=isolation_options.from_args(args),
     )
 
 
@@ -335,6 +339,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     self_metrics: SelfMetrics | None = None
     if telemetry is not None:
         sinks.exchange.append(telemetry.submit)
+    isolation: IsolationEngine | None = None
+    if config.isolation.file is not None:
+        # After the security stage, when there is one: it sees the WAF's findings.
+        try:
+            isolation = isolation_options.build_engine(
+                config, telemetry, enforce=args.command == "capture"
+            )
+        except (otlp.OtlpConfigError, ValueError, OSError) as exc:
+            print(f"flowprobe-agent: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        sinks.exchange.append(isolation.submit)
     stage = None
     if config.security.enabled:
         # Every sink gets the exchanges after inspection, from the stage's thread.
@@ -370,6 +385,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         pipeline.finish()
         if stage is not None:
             stage.close()
+        if isolation is not None:
+            isolation.close()
         if telemetry is not None:
             telemetry.close()
         if analyzer is not None:
@@ -389,6 +406,8 @@ def run(argv: Sequence[str] | None = None) -> int:
                 report["security"] = stage.totals()
             if analyzer is not None:
                 report["anomalies"] = analyzer.totals()
+            if isolation is not None:
+                report["isolation"] = isolation.totals()
             Path(args.stats).write_text(json.dumps(report, indent=1) + "\n")
     return code
 

@@ -159,6 +159,17 @@ class AnomalyConfig(_Model):
     max_members: int = Field(default=5000, ge=1, le=1_000_000)
 
 
+class IsolationConfig(_Model):
+    """Standalone micro-isolation (docs/isolation.md); off without a rules file."""
+
+    # JSON file holding what a ProbePolicy's spec.isolation holds; re-read
+    # while the agent runs (emptied or removed: isolation off).
+    file: str | None = None
+    # Addresses or CIDRs never blocked, on top of the node's own addresses
+    # and the API server's (KUBERNETES_SERVICE_HOST).
+    protected: tuple[str, ...] = ()
+
+
 class AgentConfig(_Model):
     protocols: tuple[str, ...] = ALL_PROTOCOLS
     # Extra server ports per protocol, on top of each parser's defaults; tshark
@@ -177,3 +188,4 @@ class AgentConfig(_Model):
     # Tell connections that carry TLS (the agent cannot parse them): one more
     # tshark column; Sinks.tls hears of each such connection once.
     detect_tls: bool = False
+    isolation: IsolationConfig = IsolationConfig()

@@ -10,6 +10,7 @@ policy the API server accepts always parses here.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
@@ -393,6 +394,124 @@ class AnomaliesSpec(_Model):
     quiet_intervals: Annotated[int, Field(ge=1, le=1000)] = 3
 
 
+# -- isolation ------------------------------------------------------------------
+
+
+class IsolationMode(StrEnum):
+    DRY_RUN = "DryRun"
+    ENFORCE = "Enforce"
+
+
+class IsolationRuleType(StrEnum):
+    DENY_REQUEST = "DenyRequest"
+    DENY_NEW_EDGE = "DenyNewEdge"
+    BLOCK_ON_WAF_MATCH = "BlockOnWafMatch"
+
+
+class HttpMethod(StrEnum):
+    GET = "GET"
+    HEAD = "HEAD"
+    POST = "POST"
+    PUT = "PUT"
+    DELETE = "DELETE"
+    PATCH = "PATCH"
+    OPTIONS = "OPTIONS"
+    CONNECT = "CONNECT"
+    TRACE = "TRACE"
+
+
+class WafSeverity(StrEnum):
+    """CRS rule severities, most severe first."""
+
+    CRITICAL = "Critical"
+    ERROR = "Error"
+    WARNING = "Warning"
+    NOTICE = "Notice"
+
+
+MAX_ISOLATION_RULES = 32
+MAX_PEER_NAMES = 32
+MAX_ISOLATION_PROTECTED = 16
+MAX_BLOCK_SECONDS = 24 * 3600
+
+_Name = Annotated[str, Field(min_length=1, max_length=253)]
+_Cidr = Annotated[str, Field(min_length=1, max_length=43)]
+
+
+class IsolationPeer(_Model):
+    """One end of an edge. Each list that is set must match (OR within a list);
+    an absent or empty peer matches anything."""
+
+    # service.name as the agent names workloads (docs/isolation.md).
+    workloads: Annotated[list[_Name], Field(max_length=MAX_PEER_NAMES)] = []
+    namespaces: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=63)]], Field(max_length=MAX_PEER_NAMES)
+    ] = []
+    cidrs: Annotated[list[_Cidr], Field(max_length=MAX_PEER_NAMES)] = []
+    ports: Annotated[
+        list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=MAX_PEER_NAMES)
+    ] = []
+
+    @field_validator("cidrs")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
+        return value
+
+
+class IsolationRule(_Model):
+    name: Annotated[
+        str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    ]
+    type: IsolationRuleType
+    # "from" is a Python keyword.
+    source: IsolationPeer = Field(default=IsolationPeer(), alias="from")
+    to: IsolationPeer = IsolationPeer()
+    # DenyRequest: an HTTP request with one of these methods (any if empty)
+    # whose path matches one of these glob patterns (any if empty).
+    methods: Annotated[list[HttpMethod], Field(max_length=len(HttpMethod))] = []
+    paths: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/")]],
+        Field(max_length=MAX_PATTERNS),
+    ] = []
+    # DenyNewEdge: edges first seen within this long of the rule taking effect are allowed.
+    learning_seconds: Annotated[int, Field(ge=0, le=MAX_DURATION_SECONDS)] | None = None
+    # BlockOnWafMatch: a CRS rule of at least this severity.
+    min_severity: WafSeverity | None = None
+    block_seconds: Annotated[int, Field(ge=1, le=MAX_BLOCK_SECONDS)] | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_type(self) -> Self:
+        t = self.type
+        if (self.methods or self.paths) and t != IsolationRuleType.DENY_REQUEST:
+            raise ValueError("methods and paths apply only to rules of type DenyRequest")
+        if t == IsolationRuleType.DENY_REQUEST and not (self.methods or self.paths):
+            raise ValueError("a DenyRequest rule needs methods or paths")
+        if (self.learning_seconds is not None) != (t == IsolationRuleType.DENY_NEW_EDGE):
+            raise ValueError("learningSeconds is required with type DenyNewEdge, and only then")
+        if self.min_severity is not None and t != IsolationRuleType.BLOCK_ON_WAF_MATCH:
+            raise ValueError("minSeverity applies only to rules of type BlockOnWafMatch")
+        return self
+
+
+class IsolationSpec(_Model):
+    mode: IsolationMode = IsolationMode.DRY_RUN
+    block_seconds: Annotated[int, Field(ge=1, le=MAX_BLOCK_SECONDS)] = 300
+    rules: Annotated[list[IsolationRule], Field(min_length=1, max_length=MAX_ISOLATION_RULES)]
+    # Addresses never blocked on top of the node's own and the API server's.
+    protected_cidrs: Annotated[list[_Cidr], Field(max_length=MAX_ISOLATION_PROTECTED)] = []
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Self:
+        names = [r.name for r in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("isolation rule names must be unique")
+        for cidr in self.protected_cidrs:
+            ipaddress.ip_network(cidr, strict=False)
+        return self
+
+
 # -- export ---------------------------------------------------------------------
 
 
@@ -516,6 +635,7 @@ class ProbePolicySpec(_Model):
     export: ExportSpec | None = None
     agent: AgentSpec | None = None
     anomalies: AnomaliesSpec = AnomaliesSpec()
+    isolation: IsolationSpec | None = None
 
     @model_validator(mode="after")
     def _cross_field(self) -> Self:
@@ -531,6 +651,14 @@ class ProbePolicySpec(_Model):
             raise ValueError("payload.bodies.mode All needs HTTP, HTTP2 or GRPC in protocols")
         if self.security.waf.mode != WafMode.OFF and Protocol.HTTP not in self.protocols:
             raise ValueError("security.waf.mode DetectionOnly needs HTTP in protocols")
+        if (
+            self.isolation is not None
+            and any(r.type == IsolationRuleType.BLOCK_ON_WAF_MATCH for r in self.isolation.rules)
+            and self.security.waf.mode != WafMode.DETECTION_ONLY
+        ):
+            raise ValueError(
+                "isolation rules of type BlockOnWafMatch need security.waf.mode DetectionOnly"
+            )
         return self
 
 

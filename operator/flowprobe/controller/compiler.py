@@ -228,6 +228,7 @@ def _judge(pol: ProbePolicy, config: OperatorConfig, now: datetime.datetime) -> 
         security=pol.spec.security if pol.spec.security != SecuritySpec() else None,
         export=_compile_export(otlp, pol),
         anomalies=pol.spec.anomalies if pol.spec.anomalies.mode != AnomalyMode.OFF else None,
+        isolation=pol.spec.isolation,
     )
     return verdict
 

@@ -35,6 +35,7 @@ from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.agent.enrich.watch import Watcher, now_us
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
+from flowprobe.agent.isolation.daemon import DaemonIsolation
 from flowprobe.agent.sessionize.records import Endpoints, Exchange
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.api import constants
@@ -159,6 +160,7 @@ class Daemon:
             settings.health_address, settings.health_port, self.liveness, self.readiness
         )
         self.stop_event = threading.Event()
+        self.isolation = DaemonIsolation(self.index, api.base)
         # Replaced, never mutated: the capture thread reads it without a lock.
         self.telemetry: dict[str, Telemetry] = {}
         self.analyzers = PolicyAnalyzers()
@@ -186,6 +188,7 @@ class Daemon:
             # A bug on one exchange must not end the capture thread.
             self.stats.anomaly("enrichment_error", repr(exc))
             return
+        self.isolation.submit(ex, policies)
         telemetry = self.telemetry
         for key in dict.fromkeys(_export_key(p) for p in policies):
             sink = telemetry.get(key)
@@ -230,6 +233,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.switcher.stop()
+        self.isolation.close()
         for t in self.telemetry.values():
             t.close()
         self.telemetry = {}
@@ -285,6 +289,7 @@ class Daemon:
             self.engine.set_policies(active)
             self._sync_exports(active)
             self.analyzers.sync(active, self.telemetry, _export_key)
+            self.isolation.sync(active, lambda p: self.telemetry.get(_export_key(p)))
             self._scope_generation = -1
         gen = self.index.generation
         if gen != self._scope_generation:
@@ -387,6 +392,7 @@ class Daemon:
             "packets": self.stats.packets,
             "index": self.index.sizes(),
             "reports": self.reporter.reports,
+            "isolation": self.isolation.engine.totals(),
         }
 
 

@@ -7,9 +7,10 @@ import re
 from collections.abc import Callable
 
 from flowprobe.agent.config import AgentConfig, DdrConfig, SecurityConfig, WafConfig
+from flowprobe.agent.export.metrics import Metrics
 from flowprobe.agent.export.naming import RouteTable
 from flowprobe.agent.export.telemetry import Telemetry
-from flowprobe.agent.export.workloads import AddressResolver
+from flowprobe.agent.export.workloads import AddressResolver, WorkloadResolver
 from flowprobe.agent.security import ddr
 from flowprobe.agent.security.alerts import open_alerts
 from flowprobe.agent.security.ddr import CATEGORIES
@@ -139,18 +140,26 @@ def build_stage(
     sec = config.security
     export = config.export
     waf = ModSecurity.with_crs(sec.waf, sec.body_max_bytes) if sec.waf.enabled else None
-    alerts = open_alerts(export, telemetry)
-    metrics = (
-        telemetry.metrics
-        if telemetry is not None and telemetry.metric_exporter is not None
-        else None
-    )
     return SecurityStage(
         sec,
         downstream,
-        telemetry.resolver if telemetry is not None else AddressResolver(export.service_names),
+        resolver(config, telemetry),
         RouteTable(export.routes),
-        metrics,
-        alerts,
+        metrics(telemetry),
+        open_alerts(export, telemetry),
         waf,
     ).start()
+
+
+def metrics(telemetry: Telemetry | None) -> Metrics | None:
+    """The agent's metrics, when they are exported."""
+    if telemetry is not None and telemetry.metric_exporter is not None:
+        return telemetry.metrics
+    return None
+
+
+def resolver(config: AgentConfig, telemetry: Telemetry | None) -> WorkloadResolver:
+    """Who is at each end: the sink's resolver, or names from the configuration."""
+    if telemetry is not None:
+        return telemetry.resolver
+    return AddressResolver(config.export.service_names)

@@ -1,0 +1,1 @@
+"""Application-layer micro-isolation: rules on observed exchanges, enforced with nftables."""
