@@ -654,7 +654,7 @@ async def test_drift_is_repaired_after_runs_that_skipped_the_apply() -> None:
     )
 
 
-def test_only_policy_events_wait_for_a_burst(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_wait_for_policy_bursts_and_are_spaced(monkeypatch: pytest.MonkeyPatch) -> None:
     waits: list[float] = []
     real_sleep = asyncio.sleep
 
@@ -671,10 +671,13 @@ def test_only_policy_events_wait_for_a_burst(monkeypatch: pytest.MonkeyPatch) ->
         _add_policy(api, "web")
         rec.child_changed("MODIFIED", "DaemonSet", {"metadata": {"name": AGENT}})
         await rec.request()
-        assert waits == []  # DaemonSet status: the run starts at once
+        assert waits == []  # DaemonSet status after a quiet moment: the run starts at once
+        await rec.request()
+        assert len(waits) == 1 and 0 < waits[0] <= 0.2  # spaced from the previous start
+        rec._last_started = None  # as if that run were long ago
         rec.policy_changed("ADDED", "uid-web", 1)
         await rec.request()
-        assert len(waits) == 1 and 0 < waits[0] <= 0.2
+        assert len(waits) == 2 and 0 < waits[1] <= 0.2  # a burst of policies may follow
 
     asyncio.run(scenario())
 

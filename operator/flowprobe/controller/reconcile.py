@@ -150,6 +150,7 @@ class Reconciler:
         self._requested = 0
         self._completed = 0
         self._last_success_started: float | None = None
+        self._last_started: float | None = None
         self._busy_since: float | None = None
         # metadata.generation per policy uid as of the last event: status-only
         # updates (mostly our own) do not need a run.
@@ -250,7 +251,7 @@ class Reconciler:
             covered = self._requested
             self._dirty.clear()
             started = time.monotonic()
-            self._busy_since = started
+            self._busy_since = self._last_started = started
             try:
                 result = await self.reconcile_once()
             finally:
@@ -262,16 +263,19 @@ class Reconciler:
             self._completed = covered
 
     async def _settle(self) -> None:
-        """Let a burst of policy events (kubectl apply -f dir/) land in one run.
+        """Wait until ``debounce`` after the last policy event and the last run's start.
 
-        Only policy events wait: a policy set compiled in two runs would roll
-        the agents twice. DaemonSet status events do not (the run after the
-        last agent turns Ready is what writes Ready=True); triggers already
-        coalesce into at most one pending run.
+        After a policy event, so that a burst of them (kubectl apply -f dir/)
+        lands in one run: a set compiled in two runs would roll the agents
+        twice. After the last start, so that DaemonSet status events during a
+        rollout (triggers coalesce into at most one pending run) do not run
+        back to back, each listing every agent pod while the control plane
+        is busy creating them. A trigger after a quiet moment (the status
+        update after the last agent turned Ready) runs at once.
         """
-        if self._policy_event_at is None:
-            return
-        wait = self._debounce - (time.monotonic() - self._policy_event_at)
+        now = time.monotonic()
+        since = [t for t in (self._policy_event_at, self._last_started) if t is not None]
+        wait = max((self._debounce - (now - t) for t in since), default=0.0)
         if wait > 0:
             await asyncio.sleep(wait)
 
