@@ -344,10 +344,21 @@ def test_unmanaged_policy_is_left_alone(env: Env) -> None:
 
 def test_unrealisable_policies_say_why_in_status(env: Env) -> None:
     pinned = {"nodeSelector": {"flowprobe-test": env.id}}
-    # Created first (timestamps have one-second resolution): its image wins.
+    # Created first: its image wins.
     older = env.apply("img-old", env.spec(agent={**pinned, "image": "a/agent:1"}))
     env.wait_condition(older, "Ready", "True", "AgentsReady")
+    # creationTimestamp has one-second resolution, and policies created in the
+    # same second are ordered by name ("…-img-new" first): the younger one must
+    # be created in a later second, however fast the older became Ready.
+    created = datetime.datetime.fromisoformat(env.policy(older)["metadata"]["creationTimestamp"])
+    wait_until(
+        lambda: datetime.datetime.now(datetime.UTC) >= created + datetime.timedelta(seconds=1),
+        "the second after the older policy's creation",
+    )
     younger = env.apply("img-new", env.spec(agent={**pinned, "image": "b/agent:2"}))
+    assert env.policy(younger)["metadata"]["creationTimestamp"] > created.strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
     bad_regex = env.apply(
         "regex", env.spec(redaction={"patterns": [{"name": "card", "regex": "([0-9]{16}"}]})
     )

@@ -32,6 +32,8 @@ class FakeKube(Kube):
     def __init__(self) -> None:
         self.objects: dict[tuple[str, str | None, str], dict[str, Any]] = {}
         self.writes: list[tuple[str, str]] = []
+        # (verb, plural) of every call, including no-op applies
+        self.calls: list[tuple[str, str]] = []
         # (plural, label selector) of every metadata-only list
         self.metadata_lists: list[tuple[str, str | None]] = []
         self.fail: dict[tuple[str, str], KubeError] = {}
@@ -41,6 +43,7 @@ class FakeKube(Kube):
         return (res.plural, namespace if res.namespaced else None, name)
 
     def _check(self, verb: str, plural: str) -> None:
+        self.calls.append((verb, plural))
         if (verb, plural) in self.fail:
             raise self.fail[(verb, plural)]
 
@@ -546,11 +549,151 @@ def test_event_filters() -> None:
     assert not rec.policy_changed("MODIFIED", "u1", 1)  # status-only update
     assert rec.policy_changed("MODIFIED", "u1", 2)
     assert rec.policy_changed("DELETED", "u1", 2)
-    assert rec.child_changed("MODIFIED", "DaemonSet", "5")  # status matters
-    assert rec.child_changed("MODIFIED", "ConfigMap", "5")
+    cm = {"metadata": {"name": AGENT, "resourceVersion": "5"}}
+    assert rec.child_changed("MODIFIED", "DaemonSet", cm)  # status matters
+    assert rec.child_changed("MODIFIED", "ConfigMap", cm)
     rec._applied["ConfigMap"] = "5"
-    assert not rec.child_changed("MODIFIED", "ConfigMap", "5")  # our own write echoed
-    assert rec.child_changed("DELETED", "ConfigMap", "5")
+    assert not rec.child_changed("MODIFIED", "ConfigMap", cm)  # our own write echoed
+    assert rec.child_changed("DELETED", "ConfigMap", cm)
+
+
+def _watch(api: FakeKube, rec: Reconciler) -> None:
+    """Deliver the agent objects as they are now, as kopf's watch handlers do."""
+    for res, kind in (
+        (kube.SERVICEACCOUNTS, "ServiceAccount"),
+        (kube.CONFIGMAPS, "ConfigMap"),
+        (kube.DAEMONSETS, "DaemonSet"),
+    ):
+        obj = api.objects.get((res.plural, NS, AGENT))
+        if obj is None:
+            rec.child_changed("DELETED", kind, {"metadata": {"name": AGENT}})
+        else:
+            rec.child_changed("MODIFIED", kind, copy.deepcopy(obj))
+
+
+def _agent_writes(api: FakeKube) -> list[tuple[str, str]]:
+    agent_plurals = ("daemonsets", "configmaps", "serviceaccounts")
+    return [c for c in api.calls if c[0] != "list" and c[0] != "get" and c[1] in agent_plurals]
+
+
+@sync
+async def test_a_run_for_daemonset_status_only_applies_nothing() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    first = await rec.reconcile_once()
+    assert not first.in_sync and _agent_writes(api) == [
+        ("apply", "serviceaccounts"),
+        ("apply", "configmaps"),
+        ("apply", "daemonsets"),
+    ]
+    _watch(api, rec)  # the watch delivers our own writes
+    # The DaemonSet controller and kubelets at work: a status update (new
+    # resourceVersion, same generation), delivered by the watch.
+    _run_agents(api, "n1", "n2")
+    api.put(kube.DAEMONSETS, api.objects[("daemonsets", NS, AGENT)])
+    _watch(api, rec)
+    api.calls.clear()
+    result = await rec.reconcile_once()
+    assert result.in_sync and result.applied
+    # No apply, and the DaemonSet's status came from the watch event, not a read.
+    assert _agent_writes(api) == []
+    assert ("list", "daemonsets") not in api.calls
+    assert _conditions(api, "web")["Ready"] == ("True", "AgentsReady")
+
+    api.calls.clear()
+    again = await rec.reconcile_once()
+    assert again.in_sync
+    assert [c for c in api.calls if c[0] not in ("list", "get")] == []  # no write at all
+
+
+@sync
+async def test_drift_is_repaired_after_runs_that_skipped_the_apply() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    await rec.reconcile_once()
+    _watch(api, rec)
+    assert (await rec.reconcile_once()).in_sync
+    ds_key = ("daemonsets", NS, AGENT)
+
+    # Someone edits the pod template: a new generation.
+    ds = api.objects[ds_key]
+    ds["spec"]["template"]["spec"]["hostNetwork"] = False
+    ds["metadata"]["generation"] += 1
+    api.put(kube.DAEMONSETS, ds)
+    _watch(api, rec)
+    assert not (await rec.reconcile_once()).in_sync
+    assert api.objects[ds_key]["spec"]["template"]["spec"]["hostNetwork"] is True
+    _watch(api, rec)
+    assert (await rec.reconcile_once()).in_sync
+
+    # ... or a label (metadata: the generation stays).
+    del api.objects[ds_key]["metadata"]["labels"][constants.LABEL_PART_OF]
+    api.put(kube.DAEMONSETS, api.objects[ds_key])
+    _watch(api, rec)
+    assert not (await rec.reconcile_once()).in_sync
+    assert constants.LABEL_PART_OF in api.objects[ds_key]["metadata"]["labels"]
+    _watch(api, rec)
+
+    # ... or deletes the ConfigMap, or the DaemonSet.
+    for key in (("configmaps", NS, AGENT), ds_key):
+        del api.objects[key]
+        _watch(api, rec)
+        assert not (await rec.reconcile_once()).in_sync
+        assert key in api.objects
+        _watch(api, rec)
+        assert (await rec.reconcile_once()).in_sync
+
+    # A changed policy set is applied even though nothing drifted.
+    api.objects[("probepolicies", None, "web")]["spec"]["samplingPercent"] = 10
+    api.objects[("probepolicies", None, "web")]["metadata"]["generation"] = 2
+    assert not (await rec.reconcile_once()).in_sync
+    assert (
+        '"samplingPercent": 10' in api.objects[("configmaps", NS, AGENT)]["data"]["policies.json"]
+    )
+
+
+def test_runs_wait_for_policy_bursts_and_are_spaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+
+    async def scenario() -> None:
+        api = FakeKube()
+        rec = Reconciler(api, make_config(), clock=lambda: NOW, debounce=0.2)
+        rec.active = True
+        _add_policy(api, "web")
+        rec.child_changed("MODIFIED", "DaemonSet", {"metadata": {"name": AGENT}})
+        await rec.request()
+        assert waits == []  # DaemonSet status after a quiet moment: the run starts at once
+        await rec.request()
+        assert len(waits) == 1 and 0 < waits[0] <= 0.2  # spaced from the previous start
+        rec._last_started = None  # as if that run were long ago
+        rec.policy_changed("ADDED", "uid-web", 1)
+        await rec.request()
+        assert len(waits) == 2 and 0 < waits[1] <= 0.2  # a burst of policies may follow
+
+    asyncio.run(scenario())
+
+
+@sync
+async def test_a_failed_apply_is_retried_by_the_next_resync_tick() -> None:
+    api = FakeKube()
+    rec = _reconciler(api)
+    _add_policy(api, "web")
+    api.fail[("apply", "daemonsets")] = KubeError("PATCH", "/apis/apps/...", 500, "etcd timeout")
+    await rec.request()
+    assert _conditions(api, "web")["Degraded"] == ("True", "ReconcileFailed")
+    del api.fail[("apply", "daemonsets")]
+    await rec.request(max_age=3600)  # not skipped as fresh: the last run failed
+    assert api.items(kube.DAEMONSETS)
+    assert _conditions(api, "web")["Degraded"][1] != "ReconcileFailed"
 
 
 @pytest.fixture(autouse=True)

@@ -410,7 +410,8 @@ class ProcSampler:
 
 
 # `kopf run` with every reconcile run timed: one JSON line per run on stderr
-# (monotonic start, wall and process CPU seconds). The operator itself is unchanged.
+# (monotonic start, wall and process CPU seconds, whether the run found the
+# agent objects in sync and applied nothing). The operator itself is unchanged.
 _SHIM = """\
 import json, sys, time
 from flowprobe.controller import reconcile
@@ -419,10 +420,13 @@ _original = reconcile.Reconciler.reconcile_once
 
 async def _timed(self):
     t0, c0 = time.monotonic(), time.process_time()
+    result = None
     try:
-        return await _original(self)
+        result = await _original(self)
+        return result
     finally:
-        line = {"benchRun": t0, "wall": time.monotonic() - t0, "cpu": time.process_time() - c0}
+        line = {"benchRun": t0, "wall": time.monotonic() - t0, "cpu": time.process_time() - c0,
+                "inSync": bool(getattr(result, "in_sync", False))}
         print(json.dumps(line), file=sys.stderr, flush=True)
 
 reconcile.Reconciler.reconcile_once = _timed
@@ -437,6 +441,7 @@ class Run:
     start: float  # monotonic, same clock as this process
     wall: float
     cpu: float
+    in_sync: bool = False  # applied nothing: the agent objects were as rendered
 
 
 class Operator:
@@ -522,7 +527,14 @@ class Operator:
             if line.startswith('{"benchRun"'):
                 with contextlib.suppress(ValueError, KeyError):
                     d = json.loads(line)
-                    runs.append(Run(float(d["benchRun"]), float(d["wall"]), float(d["cpu"])))
+                    runs.append(
+                        Run(
+                            float(d["benchRun"]),
+                            float(d["wall"]),
+                            float(d["cpu"]),
+                            bool(d.get("inSync")),
+                        )
+                    )
         return runs
 
     def log_tail(self, lines: int = 20) -> str:
@@ -697,7 +709,9 @@ class Result:
             wall = [r.wall for r in inside]
             cpu = [r.cpu for r in inside]
             rows.append(
-                f"  {name + ':':<40} {len(inside)} runs, wall mean {sum(wall) / len(wall):.2f} s "
+                f"  {name + ':':<40} {len(inside)} runs "
+                f"({sum(r.in_sync for r in inside)} without applies), "
+                f"wall mean {sum(wall) / len(wall):.2f} s "
                 f"max {max(wall):.2f} s, CPU mean {sum(cpu) / len(cpu):.2f} s "
                 f"max {max(cpu):.2f} s"
             )

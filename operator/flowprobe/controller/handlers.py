@@ -39,8 +39,7 @@ async def agent_object_event(
     event: kopf.RawEvent, resource: kopf.Resource, memo: kopf.Memo, **_: Any
 ) -> None:
     rt = runtime(memo)
-    meta = ObjectMeta.model_validate(event["object"]["metadata"])
     if rt is not None and rt.reconciler.child_changed(
-        event["type"], resource.kind or "", meta.resource_version
+        event["type"], resource.kind or "", dict(event["object"])
     ):
         rt.reconciler.trigger()

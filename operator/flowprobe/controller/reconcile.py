@@ -8,6 +8,8 @@ the periodic resync) requests one run of ``reconcile_once``, which
 2. compiles them (compiler.py), keeping Unmanaged policies' frozen entries;
 3. renders the ServiceAccount, ConfigMap and DaemonSet (render.py) and applies
    them with server-side apply, or deletes them when nothing is left to apply;
+   a run that renders what the last apply wrote, while the watched objects
+   are still what it produced (``_in_sync``), writes nothing;
 4. observes agent pods and agent reports, takes the matched-pod counts last
    taken in the background (``_matched_pods``), and writes each Managed
    policy's status (status.py), posting Events on transitions.
@@ -40,7 +42,13 @@ from flowprobe.api.conditions import ConditionStatus, now_utc
 from flowprobe.api.policyset import CompiledPolicySet
 from flowprobe.api.v1alpha1 import LabelSelector, ProbePolicy, ProbePolicyStatus
 from flowprobe.controller import kube
-from flowprobe.controller.compiler import Compilation, Unparseable, compile_policies, parse_policy
+from flowprobe.controller.compiler import (
+    Compilation,
+    Unparseable,
+    Verdict,
+    compile_policies,
+    parse_policy,
+)
 from flowprobe.controller.config import OperatorConfig
 from flowprobe.controller.kube import Kube, KubeError
 from flowprobe.controller.render import AgentObjects, render, selector_labels
@@ -94,6 +102,33 @@ class RunResult:
     policies: int
     applied: bool
     error: str | None
+    # The agent objects were already as rendered: no apply was sent.
+    in_sync: bool = False
+
+
+@dataclass(frozen=True)
+class _LastApply:
+    """What the last complete apply wrote and what the server made of it."""
+
+    objects: AgentObjects
+    # resourceVersion per kind of the ServiceAccount and ConfigMap.
+    versions: dict[str, str]
+    # uid and generation of the DaemonSet: its status updates change the
+    # resourceVersion, a spec change or a re-creation changes these.
+    daemon_set: tuple[str, int]
+
+
+def _includes(live: dict[str, Any], rendered: dict[str, Any]) -> bool:
+    """Whether live metadata still carries the labels, annotations and owners we render.
+
+    Metadata edits do not change a DaemonSet's generation, so this is how an
+    edited label or annotation is noticed without applying.
+    """
+    for key in ("labels", "annotations"):
+        have = live.get(key) or {}
+        if any(have.get(k) != v for k, v in (rendered.get(key) or {}).items()):
+            return False
+    return bool(live.get("ownerReferences") == rendered.get("ownerReferences"))
 
 
 class Reconciler:
@@ -115,6 +150,7 @@ class Reconciler:
         self._requested = 0
         self._completed = 0
         self._last_success_started: float | None = None
+        self._last_started: float | None = None
         self._busy_since: float | None = None
         # metadata.generation per policy uid as of the last event: status-only
         # updates (mostly our own) do not need a run.
@@ -122,6 +158,14 @@ class Reconciler:
         # resourceVersion our last apply produced, per kind: echoes of our own
         # writes do not need a run.
         self._applied: dict[str, str] = {}
+        self._last_apply: _LastApply | None = None
+        # The latest state of each agent object from the watch, by kind
+        # (absent: deleted or not seen yet). Runs triggered by DaemonSet
+        # status compare it with _last_apply instead of applying again, and
+        # take the DaemonSet status from it.
+        self._watched: dict[str, dict[str, Any]] = {}
+        # When the last policy event arrived: runs wait for a burst of them.
+        self._policy_event_at: float | None = None
         self._instance = socket.gethostname()
         # Only the leader reconciles; a standby (or a replica that just lost
         # the lease) ignores every request.
@@ -140,19 +184,28 @@ class Reconciler:
 
     def policy_changed(self, event_type: str | None, uid: str, generation: int) -> bool:
         """Whether a ProbePolicy watch event may change anything we derive."""
+        if event_type != "DELETED" and self._generations.get(uid) == generation:
+            return False
         if event_type == "DELETED":
             self._generations.pop(uid, None)
-            return True
-        if self._generations.get(uid) == generation:
-            return False
-        self._generations[uid] = generation
+        else:
+            self._generations[uid] = generation
+        self._policy_event_at = time.monotonic()
         return True
 
-    def child_changed(self, event_type: str | None, kind: str, resource_version: str) -> bool:
-        """Whether an event on an agent object needs a run (drift, deletion, DaemonSet status)."""
-        if event_type == "DELETED" or kind == "DaemonSet":
+    def child_changed(self, event_type: str | None, kind: str, obj: dict[str, Any]) -> bool:
+        """Record an agent object's watch event; whether it needs a run.
+
+        Drift, deletion and DaemonSet status need one; echoes of our own
+        applies do not.
+        """
+        if event_type == "DELETED":
+            self._watched.pop(kind, None)
             return True
-        return self._applied.get(kind) != resource_version
+        self._watched[kind] = obj
+        if kind == "DaemonSet":
+            return True
+        return self._applied.get(kind) != str(obj["metadata"].get("resourceVersion", ""))
 
     def trigger(self) -> None:
         """Ask for a run without waiting for it (watch handlers; see serve_triggers)."""
@@ -194,18 +247,37 @@ class Reconciler:
             fresh = last is not None and time.monotonic() - last < max_age
             if max_age and fresh and not self._deadline_passed():
                 return
-            # Let a burst of events (kubectl apply -f dir/) land in one run.
-            await asyncio.sleep(self._debounce)
+            await self._settle()
             covered = self._requested
             self._dirty.clear()
             started = time.monotonic()
-            self._busy_since = started
+            self._busy_since = self._last_started = started
             try:
-                await self.reconcile_once()
+                result = await self.reconcile_once()
             finally:
                 self._busy_since = None
-            self._last_success_started = started
+            # A failed apply is retried by the next resync tick, not after
+            # resyncSeconds: until then its ReconcileFailed hides the rest.
+            if result.error is None:
+                self._last_success_started = started
             self._completed = covered
+
+    async def _settle(self) -> None:
+        """Wait until ``debounce`` after the last policy event and the last run's start.
+
+        After a policy event, so that a burst of them (kubectl apply -f dir/)
+        lands in one run: a set compiled in two runs would roll the agents
+        twice. After the last start, so that DaemonSet status events during a
+        rollout (triggers coalesce into at most one pending run) do not run
+        back to back, each listing every agent pod while the control plane
+        is busy creating them. A trigger after a quiet moment (the status
+        update after the last agent turned Ready) runs at once.
+        """
+        now = time.monotonic()
+        since = [t for t in (self._policy_event_at, self._last_started) if t is not None]
+        wait = max((self._debounce - (now - t) for t in since), default=0.0)
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     def _deadline_passed(self) -> bool:
         return self._next_deadline is not None and self._clock() >= self._next_deadline
@@ -226,11 +298,11 @@ class Reconciler:
 
     async def reconcile_once(self) -> RunResult:
         now = self._clock()
-        bodies = await self.kube.list(kube.PROBEPOLICIES)
-        parsed = [parse_policy(b) for b in bodies]
-        live_cm = await self.kube.get(
-            kube.CONFIGMAPS, self.config.agent.name, self.config.namespace
+        bodies, live_cm = await asyncio.gather(
+            self.kube.list(kube.PROBEPOLICIES),
+            self.kube.get(kube.CONFIGMAPS, self.config.agent.name, self.config.namespace),
         )
+        parsed = [parse_policy(b) for b in bodies]
         comp = compile_policies(parsed, self.config, previous=self._previous_set(live_cm), now=now)
 
         limits = [p.not_after for p in comp.policy_set.policies if p.not_after is not None]
@@ -238,11 +310,16 @@ class Reconciler:
 
         error: str | None = None
         daemon_set: dict[str, Any] | None = None
+        in_sync = False
         try:
             if comp.empty:
                 await self._remove_agents()
             else:
-                daemon_set = await self._apply(render(comp, self.config))
+                objects = render(comp, self.config)
+                daemon_set = self._in_sync(objects)
+                in_sync = daemon_set is not None
+                if daemon_set is None:
+                    daemon_set = await self._apply(objects)
         except KubeError as exc:
             error = f"{exc.method} {exc.path} failed: {exc.message}"
             log.error("applying the agent objects failed: %s", error)
@@ -251,7 +328,10 @@ class Reconciler:
         obs = await self._observe(comp, parsed, daemon_set, error, now)
         await self._write_statuses(bodies, parsed, comp, obs)
         return RunResult(
-            policies=len(parsed), applied=not comp.empty and error is None, error=error
+            policies=len(parsed),
+            applied=not comp.empty and error is None,
+            error=error,
+            in_sync=in_sync,
         )
 
     def _previous_set(self, live_cm: dict[str, Any] | None) -> CompiledPolicySet | None:
@@ -267,12 +347,60 @@ class Reconciler:
             log.warning("ignoring unreadable policy set in the agent ConfigMap: %s", exc)
             return None
 
+    def _in_sync(self, objects: AgentObjects) -> dict[str, Any] | None:
+        """The watched DaemonSet if applying ``objects`` would change nothing, else None.
+
+        True when the last complete apply wrote these very objects and the
+        watch shows them as that apply left them: ServiceAccount and
+        ConfigMap at its resourceVersion, the DaemonSet at its uid and
+        generation with our metadata. Any edit, deletion or re-creation
+        breaks this, and so does a watch that has not yet delivered our own
+        write (then the run applies, as it would without this check).
+        """
+        last = self._last_apply
+        if last is None or last.objects != objects:
+            return None
+        for kind, version in last.versions.items():
+            seen = self._watched.get(kind)
+            if seen is None or seen["metadata"].get("resourceVersion") != version:
+                return None
+        ds = self._watched.get("DaemonSet")
+        if ds is None:
+            return None
+        meta = ds["metadata"]
+        if (meta.get("uid"), meta.get("generation")) != last.daemon_set:
+            return None
+        if not _includes(meta, objects.daemon_set["metadata"]):
+            return None
+        return ds
+
     async def _apply(self, objects: AgentObjects) -> dict[str, Any]:
-        result: dict[str, Any] = {}
-        for obj in objects.in_apply_order():
-            result = await self.kube.apply(obj)
-            self._applied[obj["kind"]] = str(result["metadata"].get("resourceVersion", ""))
-        return result  # the DaemonSet, applied last
+        self._last_apply = None  # until all three are written
+        # The ServiceAccount and ConfigMap do not depend on each other; the
+        # DaemonSet comes last, since its pods need both (a pod whose
+        # ServiceAccount is missing is refused, and the DaemonSet controller
+        # backs off).
+        first = await asyncio.gather(
+            self.kube.apply(objects.service_account),
+            self.kube.apply(objects.config_map),
+            return_exceptions=True,
+        )
+        for result in first:
+            if isinstance(result, BaseException):
+                raise result
+            self._note_applied(result)
+        daemon_set = self._note_applied(await self.kube.apply(objects.daemon_set))
+        ds_meta = daemon_set["metadata"]
+        self._last_apply = _LastApply(
+            objects=objects,
+            versions={k: self._applied[k] for k in ("ServiceAccount", "ConfigMap")},
+            daemon_set=(str(ds_meta.get("uid", "")), int(ds_meta.get("generation", 0))),
+        )
+        return daemon_set
+
+    def _note_applied(self, result: dict[str, Any]) -> dict[str, Any]:
+        self._applied[result["kind"]] = str(result["metadata"].get("resourceVersion", ""))
+        return result
 
     async def _get_daemon_set(self) -> dict[str, Any] | None:
         # A list by name, not a get: kopf's watch already needs `list`, and this
@@ -293,6 +421,7 @@ class Reconciler:
         for res in (kube.DAEMONSETS, kube.CONFIGMAPS, kube.SERVICEACCOUNTS):
             removed |= await self.kube.delete(res, name, ns)
         self._applied.clear()
+        self._last_apply = None
         for lease in await self._report_leases():
             await self.kube.delete(kube.LEASES, lease["metadata"]["name"], ns)
         if removed:
@@ -503,22 +632,32 @@ class Reconciler:
         comp: Compilation,
         obs: Observation,
     ) -> None:
+        writes = []
         for body, pol in zip(bodies, parsed, strict=True):
             if isinstance(pol, ProbePolicy) and not pol.managed:
                 continue  # Unmanaged: status is left exactly as it is
-            verdict = comp.verdicts[pol.name]
             previous = pol.status if isinstance(pol, ProbePolicy) else _status_of(body)
-            new = compute_status(verdict, previous, obs)
-            if new.to_api() == previous.to_api():
-                continue
-            try:
-                await self.kube.patch_status(kube.PROBEPOLICIES, pol.name, new.to_api())
-            except KubeError as exc:
-                if not exc.not_found:  # deleted meanwhile: nothing to report on
-                    log.error("writing the status of ProbePolicy %s failed: %s", pol.name, exc)
-                continue
-            for event in transition_events(previous.conditions, new.conditions):
-                await self._post_event(pol.name, verdict.uid, event, obs.now)
+            new = compute_status(comp.verdicts[pol.name], previous, obs)
+            if new.to_api() != previous.to_api():
+                writes.append(self._write_status(comp.verdicts[pol.name], previous, new, obs.now))
+        # One round trip for all policies, not one after the other.
+        await asyncio.gather(*writes)
+
+    async def _write_status(
+        self,
+        verdict: Verdict,
+        previous: ProbePolicyStatus,
+        new: ProbePolicyStatus,
+        now: datetime.datetime,
+    ) -> None:
+        try:
+            await self.kube.patch_status(kube.PROBEPOLICIES, verdict.name, new.to_api())
+        except KubeError as exc:
+            if not exc.not_found:  # deleted meanwhile: nothing to report on
+                log.error("writing the status of ProbePolicy %s failed: %s", verdict.name, exc)
+            return
+        for event in transition_events(previous.conditions, new.conditions):
+            await self._post_event(verdict.name, verdict.uid, event, now)
 
     async def _post_event(
         self, name: str, uid: str, event: EventSpec, now: datetime.datetime
