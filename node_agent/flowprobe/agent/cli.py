@@ -15,7 +15,13 @@ from typing import BinaryIO
 
 from flowprobe.agent.capture.rotate import DEFAULT_TSHARK_RSS_LIMIT, RotatingCapture
 from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools, read_sharded
-from flowprobe.agent.config import ALL_PROTOCOLS, AgentConfig, ExportConfig, OtlpConfig
+from flowprobe.agent.config import (
+    ALL_PROTOCOLS,
+    AgentConfig,
+    ExportConfig,
+    ForensicsConfig,
+    OtlpConfig,
+)
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.jsonl import JsonLinesWriter
 from flowprobe.agent.export.naming import RouteTable
@@ -23,6 +29,9 @@ from flowprobe.agent.export.selfmetrics import ExportCounters, SelfMetrics
 from flowprobe.agent.export.summary import Summary
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.export.workloads import parse_service_name_rule
+from flowprobe.agent.forensics import options as forensics_options
+from flowprobe.agent.forensics.endpoint import PcapEndpoint, PcapServer
+from flowprobe.agent.forensics.freezer import Forensics
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.security import options as security_options
 from flowprobe.agent.security.modsec import WafError
@@ -173,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="replace tshark (make-before-break) when its memory passes this (default %(default)s)",
     )
+    forensics_options.add_arguments(cap)
+    forensics_options.add_pcap_command(sub)
     sub.add_parser(
         "daemon",
         help="run on a Kubernetes node, configured by the operator through the environment "
@@ -212,6 +223,9 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         ports={k: tuple(v) for k, v in ports.items()},
         export=export,
         security=security_options.from_args(args),
+        forensics=(
+            forensics_options.from_args(args) if args.command == "capture" else ForensicsConfig()
+        ),
     )
 
 
@@ -283,6 +297,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         # Its status is in the log: INFO unless --verbose asks for more.
         logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
         return run_daemon()
+    if args.command == "pcap":
+        return forensics_options.run_pcap(args)
     try:
         config = _config(args)
     except ValueError as exc:  # pydantic's ValidationError is one
@@ -313,6 +329,20 @@ def run(argv: Sequence[str] | None = None) -> int:
     self_metrics: SelfMetrics | None = None
     if telemetry is not None:
         sinks.exchange.append(telemetry.submit)
+    try:
+        tools = Tools.find()
+    except CaptureError as exc:
+        print(f"flowprobe-agent: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    forensics: Forensics | None = None
+    if config.forensics.enabled:
+        try:
+            forensics = Forensics(tools, config.forensics)
+        except (CaptureError, OSError) as exc:
+            print(f"flowprobe-agent: forensics: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        # First: the pcap's name must be on the exchange before any sink reads it.
+        sinks.exchange.insert(0, forensics.observe)
     stage = None
     if config.security.enabled:
         # Every sink gets the exchanges after inspection, from the stage's thread.
@@ -325,11 +355,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         sinks.exchange[:] = [stage.submit]
     pipeline = Pipeline(config, sinks, stats)
     try:
-        tools = Tools.find()
-    except CaptureError as exc:
-        print(f"flowprobe-agent: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
         if telemetry is not None:
             telemetry.start()
         elif config.export.metrics_port is not None:
@@ -339,15 +364,25 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"flowprobe-agent: --metrics-port: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     code = EXIT_OK
+    pcap_server: PcapServer | None = None
     try:
+        if forensics is not None:
+            pcap_server = _start_forensics(forensics, args)
         if args.command == "read":
             code = _read(args.files, tools, pipeline, stats, max(1, args.shards))
         else:
             code = _capture(args, tools, pipeline, stats, summary)
+    except (CaptureError, OSError) as exc:
+        print(f"flowprobe-agent: forensics: {exc}", file=sys.stderr)
+        code = EXIT_BAD_INPUT
     finally:
         pipeline.finish()
         if stage is not None:
             stage.close()
+        if forensics is not None:
+            forensics.close()
+        if pcap_server is not None:
+            pcap_server.stop()
         if telemetry is not None:
             telemetry.close()
         if self_metrics is not None:
@@ -363,8 +398,23 @@ def run(argv: Sequence[str] | None = None) -> int:
             report = stats.as_dict()
             if stage is not None:
                 report["security"] = stage.totals()
+            if forensics is not None:
+                report["forensics"] = forensics.totals()
             Path(args.stats).write_text(json.dumps(report, indent=1) + "\n")
     return code
+
+
+def _start_forensics(forensics: Forensics, args: argparse.Namespace) -> PcapServer | None:
+    """The ring on the capture's interfaces and filter, capturing before the live
+    capture starts; and the pcap endpoint when --pcap-port is given."""
+    forensics.follow(args.interface, args.filter)
+    if not forensics.ring.wait_capturing(timeout=30):
+        raise CaptureError(forensics.ring.check() or "the ring's dumpcap did not start capturing")
+    forensics.start()
+    if args.pcap_port is None:
+        return None
+    endpoint = PcapEndpoint(forensics.store, forensics.config.token_file)
+    return PcapServer(endpoint, args.pcap_address, args.pcap_port).start()
 
 
 def _telemetry(export: ExportConfig, stats: Stats, live: bool) -> Telemetry | None:
