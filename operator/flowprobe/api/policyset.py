@@ -25,6 +25,7 @@ from pydantic.alias_generators import to_camel
 
 from flowprobe.api.v1alpha1 import (
     Direction,
+    ForensicsSpec,
     LabelSelector,
     OtlpProtocol,
     PayloadSpec,
@@ -74,6 +75,8 @@ class CompiledPolicy(_Model):
     # Absent when the policy leaves security at its defaults (everything off).
     security: SecuritySpec | None = None
     export: CompiledExport
+    # Absent when forensics is off (its default).
+    forensics: ForensicsSpec | None = None
 
     def applies_to_node(self, node_labels: dict[str, str]) -> bool:
         return all(node_labels.get(k) == v for k, v in self.node_selector.items())

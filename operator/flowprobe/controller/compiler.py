@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from flowprobe.api import constants
 from flowprobe.api.policyset import CompiledExport, CompiledPolicy, CompiledPolicySet
 from flowprobe.api.v1alpha1 import (
+    ForensicsMode,
     OtlpExport,
     ProbePolicy,
     Reason,
@@ -226,6 +227,7 @@ def _judge(pol: ProbePolicy, config: OperatorConfig, now: datetime.datetime) -> 
         redaction=pol.spec.redaction,
         security=pol.spec.security if pol.spec.security != SecuritySpec() else None,
         export=_compile_export(otlp, pol),
+        forensics=pol.spec.forensics if pol.spec.forensics.mode != ForensicsMode.OFF else None,
     )
     return verdict
 
