@@ -280,7 +280,7 @@ def test_metadata_noise_and_unknown_top_level_fields_are_ignored() -> None:
             },
             "shorter than the ring",
         ),
-        ({"namespaceSelector": {}, "forensics": {"ring": {"files": 65}}}, "files"),
+        ({"namespaceSelector": {}, "forensics": {"ring": {"files": 257}}}, "files"),
     ],
 )
 def test_models_refuse_what_the_crd_refuses(spec: dict[str, Any], fragment: str) -> None:

@@ -135,10 +135,11 @@ class ForensicsConfig(_Model):
     directory: str = "/var/lib/flowprobe/forensics"
     # dumpcap's ring: this many files of at most this size, each closed after
     # this long, so the ring holds at most files x size bytes and files x
-    # seconds of traffic.
-    ring_files: int = Field(default=4, ge=2, le=64)
-    ring_file_mb: int = Field(default=16, ge=1, le=1024)
-    ring_file_seconds: int = Field(default=60, ge=1, le=3600)
+    # seconds of traffic. A packet reaches the disk when its file closes, so
+    # a cut waits up to ring_file_seconds after its window.
+    ring_files: int = Field(default=32, ge=2, le=256)
+    ring_file_mb: int = Field(default=4, ge=1, le=1024)
+    ring_file_seconds: int = Field(default=2, ge=1, le=60)
     # Packets of the connection kept before the exchange began and after it ended.
     seconds_before: int = Field(default=10, ge=0, le=600)
     seconds_after: int = Field(default=2, ge=0, le=60)

@@ -372,9 +372,9 @@ class SecuritySpec(_Model):
 class ForensicsRing(_Model):
     """dumpcap's ring: at most files x fileSizeMegabytes bytes and files x fileDurationSeconds."""
 
-    files: Annotated[int, Field(ge=2, le=64)] = 4
-    file_size_megabytes: Annotated[int, Field(ge=1, le=1024)] = 16
-    file_duration_seconds: Annotated[int, Field(ge=1, le=3600)] = 60
+    files: Annotated[int, Field(ge=2, le=256)] = 32
+    file_size_megabytes: Annotated[int, Field(ge=1, le=1024)] = 4
+    file_duration_seconds: Annotated[int, Field(ge=1, le=60)] = 2
 
 
 class ForensicsSpec(_Model):

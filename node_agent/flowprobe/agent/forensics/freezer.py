@@ -42,8 +42,9 @@ PCAP_NAME = "flowprobe.pcap.name"
 PCAP_STREAM_ID = "flowprobe.pcap.stream_id"
 PCAP_TRIGGER = "flowprobe.pcap.trigger"
 
-# dumpcap writes its buffered packets within about a second.
-_FLUSH_S = 1.0
+# After a window ends, its last packets take a moment to reach the ring (the
+# kernel's capture buffer, dumpcap's own); the cut waits this long.
+_GRACE_S = 1.0
 _IDLE_S = 1.0
 _OUTCOMES: dict[Outcome, ForensicsTrigger] = {
     Outcome.ERROR: "error",
@@ -195,7 +196,8 @@ class Forensics:
     # -- forensics thread -------------------------------------------------
 
     def _due(self, cut: _Cut) -> float:
-        return cut.end_us / 1e6 + self.config.seconds_after + _FLUSH_S
+        # By then dumpcap has closed (and so written) the file holding ``hi``.
+        return self._hi(cut) + self.config.ring_file_seconds + _GRACE_S
 
     def _run(self) -> None:
         while True:
@@ -230,10 +232,15 @@ class Forensics:
                     exc,
                 )
 
+    def _lo(self, cut: _Cut) -> float:
+        return cut.start_us / 1e6 - self.config.seconds_before
+
+    def _hi(self, cut: _Cut) -> float:
+        return cut.end_us / 1e6 + self.config.seconds_after
+
     def cut(self, cut: _Cut) -> str:
         """Write ``cut``'s pcap from the ring files that cover its window: "frozen" or "empty"."""
-        lo = cut.start_us / 1e6 - self.config.seconds_before
-        hi = cut.end_us / 1e6 + self.config.seconds_after
+        lo, hi = self._lo(cut), self._hi(cut)
         files = []
         for f in ring_files(self.ring.directory):
             with contextlib.suppress(FileNotFoundError):

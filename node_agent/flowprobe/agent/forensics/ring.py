@@ -1,10 +1,15 @@
-"""A second dumpcap writing a ring of pcap files: the last minutes of the node's capture.
+"""A second dumpcap writing a ring of pcap files: the last minute or so of the node's capture.
 
 The live path (``dumpcap -w - | tshark``) keeps no packets; this one keeps
 them, for a while. dumpcap bounds its own ring (``-b files:N`` deletes the
 oldest file as it opens a new one, ``-b filesize``/``-b duration`` close a
 file), so the ring costs one more kernel capture and sequential writes to
 the page cache, and nothing in Python per packet (docs/forensics.md).
+
+dumpcap writes a file through a buffer it empties only when full or when it
+closes the file, so at low rates the newest packets are in memory, not on
+disk. Short files (``-b duration``, default 2 s; dumpcap closes them on
+time even without traffic) bound that delay, and a cut waits for it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import subprocess
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +37,7 @@ RING_PREFIX = "ring-"
 # dumpcap writes at most one packet past a file's size limit before it
 # rotates; a bound on the ring must allow for it.
 MAX_PACKET_BYTES = 65535 + 32
+SETTLE_S = 0.5
 
 
 def ring_files(directory: Path) -> list[Path]:
@@ -64,6 +71,8 @@ class CaptureRing:
         self.run = ""
         self.restarts = 0
         self.pruned = 0
+        # follow() and stop() run on the caller's thread, check() on the forensics thread.
+        self._lock = threading.RLock()
         self.error: str | None = None
         directory.mkdir(parents=True, exist_ok=True)
 
@@ -91,34 +100,45 @@ class CaptureRing:
     def follow(self, interfaces: Sequence[str], bpf: str | None) -> None:
         """Capture ``interfaces`` through ``bpf``; a no-op when that is what runs already."""
         key = (tuple(interfaces), bpf)
-        if key == self.key and self.alive():
-            return
-        self.stop()
+        with self._lock:
+            if key == self.key and self.alive():
+                return
+            self._stop()
+            self._spawn(key)
+            self.restarts += 1
+
+    def _spawn(self, key: tuple[tuple[str, ...], str | None]) -> None:
         self.key = key
         # Runs sort by name in start order; dumpcap appends _NNNNN_TIME.
         self.run = f"{time.time_ns():020d}"
         self.proc = subprocess.Popen(
-            self.args(interfaces, bpf, self.run),
+            self.args(key[0], key[1], self.run),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
         self._stderr = _StderrTail(self.proc.stderr)
-        self.restarts += 1
         self.error = None
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_capturing(self, timeout: float) -> bool:
-        """Whether dumpcap opened its interfaces within ``timeout`` seconds."""
+        """Whether dumpcap captures, ``timeout`` seconds at most.
+
+        dumpcap says "Capturing on" a moment before its capture takes effect:
+        on loopback, packets sent right after that line were missed in about
+        half of the tries, never after 0.1 s (dumpcap 4.0.17). Hence
+        ``SETTLE_S`` more after the line.
+        """
         tail = self._stderr
         deadline = time.monotonic() + timeout
         while tail is not None and self.alive() and time.monotonic() < deadline:
             if tail.capturing.wait(0.1):
-                return True
-        return tail is not None and tail.capturing.is_set()
+                time.sleep(SETTLE_S)
+                return self.alive()
+        return False
 
     def check(self) -> str | None:
         """dumpcap's reason if the ring died (it is restarted on the next ``follow``)."""
@@ -132,7 +152,8 @@ class CaptureRing:
         return self.error
 
     def prune(self) -> int:
-        """Delete files of earlier runs while the ring is over its bound; how many went."""
+        """Delete files of earlier runs (before a change of scope), oldest first, while
+        the ring is over its bound; how many went."""
         files = ring_files(self.directory)
         sizes = {p: _size(p) for p in files}
         total = sum(sizes.values())
@@ -151,6 +172,10 @@ class CaptureRing:
         return gone
 
     def stop(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         proc = self.proc
         self.proc = None
         self.key = None
