@@ -366,15 +366,17 @@ def run(argv: Sequence[str] | None = None) -> int:
     code = EXIT_OK
     pcap_server: PcapServer | None = None
     try:
-        if forensics is not None:
-            pcap_server = _start_forensics(forensics, args)
-        if args.command == "read":
-            code = _read(args.files, tools, pipeline, stats, max(1, args.shards))
+        try:
+            if forensics is not None:
+                pcap_server = _start_forensics(forensics, args)
+        except (CaptureError, OSError) as exc:  # the ring's dumpcap, or --pcap-port taken
+            print(f"flowprobe-agent: forensics: {exc}", file=sys.stderr)
+            code = EXIT_BAD_INPUT
         else:
-            code = _capture(args, tools, pipeline, stats, summary)
-    except (CaptureError, OSError) as exc:
-        print(f"flowprobe-agent: forensics: {exc}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
+            if args.command == "read":
+                code = _read(args.files, tools, pipeline, stats, max(1, args.shards))
+            else:
+                code = _capture(args, tools, pipeline, stats, summary)
     finally:
         pipeline.finish()
         if stage is not None:

@@ -264,10 +264,12 @@ def test_a_waf_alert_freezes_its_connection(
     node, client, server = http_pods
     agent = _agent(node, tmp_path, "--waf", "--pcap-triggers", "alert")
     try:
-        uri = "/items?id=1%27%20UNION%20SELECT%20password%20FROM%20users--"
-        port = _ask(client, server, uri)
         # A 5xx is not a trigger here.
         _ask(client, server, "/status/500")
+        uri = "/items?id=1%27%20UNION%20SELECT%20password%20FROM%20users--"
+        port = _ask(client, server, uri)
+        # Listed: the agent has seen everything up to the attack.
+        _wait_listed(node, tmp_path / "token")
     finally:
         stop_agent(agent)
     rec = _check_frozen(tmp_path, port, uri, "200", "alert")

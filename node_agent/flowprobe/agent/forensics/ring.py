@@ -37,7 +37,11 @@ RING_PREFIX = "ring-"
 # dumpcap writes at most one packet past a file's size limit before it
 # rotates; a bound on the ring must allow for it.
 MAX_PACKET_BYTES = 65535 + 32
-SETTLE_S = 0.5
+# dumpcap says "Capturing on" a moment before its capture takes effect:
+# packets sent right after the line were missed in about half the tries on
+# loopback, none after 0.1 s (dumpcap 4.0.17). Waiting for capture means
+# this much more.
+CAPTURE_SETTLE_S = 0.5
 
 
 def ring_files(directory: Path) -> list[Path]:
@@ -125,23 +129,21 @@ class CaptureRing:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_capturing(self, timeout: float) -> bool:
-        """Whether dumpcap captures, ``timeout`` seconds at most.
-
-        dumpcap says "Capturing on" a moment before its capture takes effect:
-        on loopback, packets sent right after that line were missed in about
-        half of the tries, never after 0.1 s (dumpcap 4.0.17). Hence
-        ``SETTLE_S`` more after the line.
-        """
+        """Whether dumpcap captures (after CAPTURE_SETTLE_S), ``timeout`` seconds at most."""
         tail = self._stderr
         deadline = time.monotonic() + timeout
         while tail is not None and self.alive() and time.monotonic() < deadline:
             if tail.capturing.wait(0.1):
-                time.sleep(SETTLE_S)
+                time.sleep(CAPTURE_SETTLE_S)
                 return self.alive()
         return False
 
     def check(self) -> str | None:
         """dumpcap's reason if the ring died (it is restarted on the next ``follow``)."""
+        with self._lock:
+            return self._check()
+
+    def _check(self) -> str | None:
         proc = self.proc
         if proc is not None and proc.poll() is not None:
             err = self._stderr.join() if self._stderr is not None else ""
