@@ -158,7 +158,7 @@ def test_forensics_mounts_its_volume_and_token_only_while_a_policy_enables_it() 
                     "namespaceSelector": {},
                     "forensics": {
                         "mode": "Enabled",
-                        "ring": {"files": 3, "fileSizeMegabytes": 10},
+                        "ring": {"files": 8, "fileSizeMegabytes": 10},
                         "maxFrozenMegabytes": 50,
                     },
                 },
@@ -167,8 +167,8 @@ def test_forensics_mounts_its_volume_and_token_only_while_a_policy_enables_it() 
         make_config(agent={"forensicsTokenSecret": "pcap-token"}),
     )
     volumes = {v["name"]: v for v in on.daemon_set["spec"]["template"]["spec"]["volumes"]}
-    # Ring and pcaps (30 + 50 MiB) plus room for the cut being written.
-    assert volumes["forensics"]["emptyDir"] == {"sizeLimit": "144Mi"}
+    # Ring and pcaps (80 + 50 MiB) plus room for the cut being written.
+    assert volumes["forensics"]["emptyDir"] == {"sizeLimit": "194Mi"}
     secret = volumes["forensics-token"]["secret"]
     assert secret["secretName"] == "pcap-token" and secret["optional"] is True
     mounts = {m["name"]: m for m in _container(on)["volumeMounts"]}
