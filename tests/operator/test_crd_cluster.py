@@ -164,6 +164,21 @@ INVALID: dict[str, tuple[dict[str, Any], str]] = {
         {**OK, "anomalies": {"mode": "Block"}},
         'Unsupported value: "Block": supported values: "Off", "Detect"',
     ),
+    "forensics window longer than the ring": (
+        {
+            **OK,
+            "forensics": {
+                "mode": "Enabled",
+                "secondsBefore": 100,
+                "ring": {"files": 2, "fileDurationSeconds": 50},
+            },
+        },
+        "secondsBefore + secondsAfter must be shorter than the ring",
+    ),
+    "unknown forensics trigger": (
+        {**OK, "forensics": {"mode": "Enabled", "triggers": ["ClientError"]}},
+        'Unsupported value: "ClientError"',
+    ),
     "duplicate redaction rule": (
         {
             **OK,

@@ -270,6 +270,17 @@ def test_metadata_noise_and_unknown_top_level_fields_are_ignored() -> None:
             {"namespaceSelector": {}, "security": {"waf": {"excludedRules": ["94x"]}}},
             "excludedRules",
         ),
+        (
+            {
+                "namespaceSelector": {},
+                "forensics": {
+                    "secondsBefore": 100,
+                    "ring": {"files": 2, "fileDurationSeconds": 50},
+                },
+            },
+            "shorter than the ring",
+        ),
+        ({"namespaceSelector": {}, "forensics": {"ring": {"files": 257}}}, "files"),
     ],
 )
 def test_models_refuse_what_the_crd_refuses(spec: dict[str, Any], fragment: str) -> None:

@@ -142,3 +142,41 @@ def test_every_active_policy_owns_the_agent_objects() -> None:
         owners = obj["metadata"]["ownerReferences"]
         assert [o["name"] for o in owners] == ["dns", "payments"]
         assert not any(o["controller"] for o in owners)
+
+
+def test_forensics_mounts_its_volume_and_token_only_while_a_policy_enables_it() -> None:
+    off = _render([policy_body("web")], make_config())
+    assert "forensics" not in off.config_map["data"][constants.POLICY_SET_KEY]
+    names = {v["name"] for v in off.daemon_set["spec"]["template"]["spec"]["volumes"]}
+    assert not {"forensics", "forensics-token"} & names
+    on = _render(
+        [
+            policy_body("web"),
+            policy_body(
+                "pcaps",
+                spec={
+                    "namespaceSelector": {},
+                    "forensics": {
+                        "mode": "Enabled",
+                        "ring": {"files": 8, "fileSizeMegabytes": 10},
+                        "maxFrozenMegabytes": 50,
+                    },
+                },
+            ),
+        ],
+        make_config(agent={"forensicsTokenSecret": "pcap-token"}),
+    )
+    volumes = {v["name"]: v for v in on.daemon_set["spec"]["template"]["spec"]["volumes"]}
+    # Ring and pcaps (80 + 50 MiB) plus room for the cut being written.
+    assert volumes["forensics"]["emptyDir"] == {"sizeLimit": "194Mi"}
+    secret = volumes["forensics-token"]["secret"]
+    assert secret["secretName"] == "pcap-token" and secret["optional"] is True
+    mounts = {m["name"]: m for m in _container(on)["volumeMounts"]}
+    assert mounts["forensics"]["mountPath"] == constants.FORENSICS_DIR
+    assert mounts["forensics-token"] == {
+        "name": "forensics-token",
+        "mountPath": constants.FORENSICS_TOKEN_DIR,
+        "readOnly": True,
+    }
+    compiled = on.config_map["data"][constants.POLICY_SET_KEY]
+    assert '"mode": "Enabled"' in compiled and '"maxFrozenMegabytes": 50' in compiled

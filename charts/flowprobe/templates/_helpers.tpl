@@ -79,7 +79,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     "resources" .Values.agent.resources
     "tolerations" .Values.agent.tolerations
     "nodeSelector" .Values.agent.nodeSelector
-    "runAsNonRoot" .Values.agent.runAsNonRoot }}
+    "runAsNonRoot" .Values.agent.runAsNonRoot
+    "forensicsTokenSecret" .Values.agent.forensicsTokenSecret }}
 {{- with .Values.agent.priorityClassName }}
 {{- $_ := set $agent "priorityClassName" . }}
 {{- end }}

@@ -20,7 +20,13 @@ from flowprobe.agent.capture.rotate import (
     RotatingCapture,
 )
 from flowprobe.agent.capture.tshark import CaptureError, LiveCapture, Tools, read_sharded
-from flowprobe.agent.config import ALL_PROTOCOLS, AgentConfig, ExportConfig, OtlpConfig
+from flowprobe.agent.config import (
+    ALL_PROTOCOLS,
+    AgentConfig,
+    ExportConfig,
+    ForensicsConfig,
+    OtlpConfig,
+)
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.jsonl import JsonLinesWriter
 from flowprobe.agent.export.naming import RouteTable
@@ -28,6 +34,9 @@ from flowprobe.agent.export.selfmetrics import ExportCounters, SelfMetrics
 from flowprobe.agent.export.summary import Summary
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.export.workloads import parse_service_name_rule
+from flowprobe.agent.forensics import options as forensics_options
+from flowprobe.agent.forensics.endpoint import PcapEndpoint, PcapServer
+from flowprobe.agent.forensics.freezer import Forensics
 from flowprobe.agent.isolation import options as isolation_options
 from flowprobe.agent.isolation.engine import IsolationEngine
 from flowprobe.agent.pipeline import Pipeline, Sinks
@@ -182,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MB",
         help="replace tshark (make-before-break) when its memory passes this (default %(default)s)",
     )
+    forensics_options.add_arguments(cap)
+    forensics_options.add_pcap_command(sub)
     sub.add_parser(
         "daemon",
         help="run on a Kubernetes node, configured by the operator through the environment "
@@ -223,6 +234,9 @@ def _config(args: argparse.Namespace) -> AgentConfig:
         security=security_options.from_args(args),
         anomalies=analyze_options.from_args(args),
         isolation=isolation_options.from_args(args),
+        forensics=(
+            forensics_options.from_args(args) if args.command == "capture" else ForensicsConfig()
+        ),
     )
 
 
@@ -294,6 +308,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         # Its status is in the log: INFO unless --verbose asks for more.
         logging.getLogger().setLevel(logging.DEBUG if args.verbose else logging.INFO)
         return run_daemon()
+    if args.command == "pcap":
+        return forensics_options.run_pcap(args)
     try:
         config = _config(args)
     except ValueError as exc:  # pydantic's ValidationError is one
@@ -350,6 +366,20 @@ def run(argv: Sequence[str] | None = None) -> int:
             print(f"flowprobe-agent: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         sinks.exchange.append(isolation.submit)
+    try:
+        tools = Tools.find()
+    except CaptureError as exc:
+        print(f"flowprobe-agent: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    forensics: Forensics | None = None
+    if config.forensics.enabled:
+        try:
+            forensics = Forensics(tools, config.forensics)
+        except (CaptureError, OSError) as exc:
+            print(f"flowprobe-agent: forensics: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        # First: the pcap's name must be on the exchange before any sink reads it.
+        sinks.exchange.insert(0, forensics.observe)
     stage = None
     if config.security.enabled:
         # Every sink gets the exchanges after inspection, from the stage's thread.
@@ -362,11 +392,6 @@ def run(argv: Sequence[str] | None = None) -> int:
         sinks.exchange[:] = [stage.submit]
     pipeline = Pipeline(config, sinks, stats)
     try:
-        tools = Tools.find()
-    except CaptureError as exc:
-        print(f"flowprobe-agent: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
         if telemetry is not None:
             telemetry.start()
         elif config.export.metrics_port is not None:
@@ -376,17 +401,29 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"flowprobe-agent: --metrics-port: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     code = EXIT_OK
+    pcap_server: PcapServer | None = None
     try:
-        if args.command == "read":
-            code = _read(args.files, tools, pipeline, stats, max(1, args.shards))
+        try:
+            if forensics is not None:
+                pcap_server = _start_forensics(forensics, args)
+        except (CaptureError, OSError) as exc:  # the ring's dumpcap, or --pcap-port taken
+            print(f"flowprobe-agent: forensics: {exc}", file=sys.stderr)
+            code = EXIT_BAD_INPUT
         else:
-            code = _capture(args, tools, pipeline, stats, summary)
+            if args.command == "read":
+                code = _read(args.files, tools, pipeline, stats, max(1, args.shards))
+            else:
+                code = _capture(args, tools, pipeline, stats, summary)
     finally:
         pipeline.finish()
         if stage is not None:
             stage.close()
         if isolation is not None:
             isolation.close()
+        if forensics is not None:
+            forensics.close()
+        if pcap_server is not None:
+            pcap_server.stop()
         if telemetry is not None:
             telemetry.close()
         if analyzer is not None:
@@ -408,8 +445,23 @@ def run(argv: Sequence[str] | None = None) -> int:
                 report["anomalies"] = analyzer.totals()
             if isolation is not None:
                 report["isolation"] = isolation.totals()
+            if forensics is not None:
+                report["forensics"] = forensics.totals()
             Path(args.stats).write_text(json.dumps(report, indent=1) + "\n")
     return code
+
+
+def _start_forensics(forensics: Forensics, args: argparse.Namespace) -> PcapServer | None:
+    """The ring on the capture's interfaces and filter, capturing before the live
+    capture starts; and the pcap endpoint when --pcap-port is given."""
+    forensics.follow(args.interface, args.filter)
+    if not forensics.ring.wait_capturing(timeout=30):
+        raise CaptureError(forensics.ring.check() or "the ring's dumpcap did not start capturing")
+    forensics.start()
+    if args.pcap_port is None:
+        return None
+    endpoint = PcapEndpoint(forensics.store, forensics.config.token_file)
+    return PcapServer(endpoint, args.pcap_address, args.pcap_port).start()
 
 
 def _telemetry(export: ExportConfig, stats: Stats, live: bool) -> Telemetry | None:

@@ -170,6 +170,42 @@ class IsolationConfig(_Model):
     protected: tuple[str, ...] = ()
 
 
+# What freezes a pcap: an exchange outcome (error covers HTTP 5xx, gRPC and
+# SQL errors, Redis errors, DNS rcodes) or a security finding on it.
+ForensicsTrigger = Literal["error", "reset", "timeout", "alert"]
+
+
+class ForensicsConfig(_Model):
+    """The capture ring and the pcaps frozen from it (docs/forensics.md). Off by default."""
+
+    enabled: bool = False
+    # Ring files and frozen pcaps live here (frozen/ and ring/ below it).
+    directory: str = "/var/lib/flowprobe/forensics"
+    # dumpcap's ring: this many files of at most this size, each closed after
+    # this long, so the ring holds at most files x size bytes and files x
+    # seconds of traffic. A packet reaches the disk when its file closes, so
+    # a cut waits up to ring_file_seconds after its window.
+    ring_files: int = Field(default=32, ge=2, le=256)
+    ring_file_mb: int = Field(default=4, ge=1, le=1024)
+    ring_file_seconds: int = Field(default=2, ge=1, le=60)
+    # Packets of the connection kept before the exchange began and after it ended.
+    seconds_before: int = Field(default=10, ge=0, le=600)
+    seconds_after: int = Field(default=2, ge=0, le=60)
+    # Frozen pcaps: the oldest go once either bound is passed.
+    max_frozen_mb: int = Field(default=128, ge=1, le=65536)
+    max_frozen_files: int = Field(default=100, ge=1, le=10000)
+    # More triggers than this per minute are counted, not frozen.
+    max_per_minute: int = Field(default=6, ge=1, le=600)
+    triggers: tuple[ForensicsTrigger, ...] = ("error", "reset", "timeout", "alert")
+    # Bearer token callers of the pcap endpoint must present; unset or empty:
+    # every request is refused.
+    token_file: str | None = None
+
+    @property
+    def ring_bytes(self) -> int:
+        return self.ring_files * self.ring_file_mb << 20
+
+
 class AgentConfig(_Model):
     protocols: tuple[str, ...] = ALL_PROTOCOLS
     # Extra server ports per protocol, on top of each parser's defaults; tshark
@@ -189,3 +225,4 @@ class AgentConfig(_Model):
     # tshark column; Sinks.tls hears of each such connection once.
     detect_tls: bool = False
     isolation: IsolationConfig = IsolationConfig()
+    forensics: ForensicsConfig = ForensicsConfig()

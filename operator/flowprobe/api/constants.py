@@ -50,6 +50,12 @@ POLICY_DIR: Final = "/etc/flowprobe/policies"
 POLICY_FILE: Final = f"{POLICY_DIR}/{POLICY_SET_KEY}"
 # Secrets referenced by policies are mounted read-only under SECRETS_DIR/<name>/.
 SECRETS_DIR: Final = "/etc/flowprobe/secrets"
+# Forensics (spec.forensics): the ring and frozen pcaps (an emptyDir), and the
+# pcap endpoint's bearer token (the Secret named by the Helm value
+# agent.forensicsTokenSecret, key "token").
+FORENSICS_DIR: Final = "/var/lib/flowprobe/forensics"
+FORENSICS_TOKEN_DIR: Final = "/etc/flowprobe/forensics-token"
+FORENSICS_TOKEN_KEY: Final = "token"
 
 # Environment the agent container receives (the agent's side of the contract).
 ENV_NODE_NAME: Final = "NODE_NAME"

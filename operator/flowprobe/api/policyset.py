@@ -26,6 +26,7 @@ from pydantic.alias_generators import to_camel
 from flowprobe.api.v1alpha1 import (
     AnomaliesSpec,
     Direction,
+    ForensicsSpec,
     IsolationSpec,
     LabelSelector,
     OtlpProtocol,
@@ -80,6 +81,8 @@ class CompiledPolicy(_Model):
     anomalies: AnomaliesSpec | None = None
     # Absent when the policy has no spec.isolation (docs/isolation.md).
     isolation: IsolationSpec | None = None
+    # Absent when forensics is off (its default).
+    forensics: ForensicsSpec | None = None
 
     def applies_to_node(self, node_labels: dict[str, str]) -> bool:
         return all(node_labels.get(k) == v for k, v in self.node_selector.items())

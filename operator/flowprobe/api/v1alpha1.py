@@ -95,6 +95,18 @@ class AnomalyMode(StrEnum):
     DETECT = "Detect"
 
 
+class ForensicsMode(StrEnum):
+    OFF = "Off"
+    ENABLED = "Enabled"
+
+
+class ForensicsTrigger(StrEnum):
+    SERVER_ERROR = "ServerError"
+    CONNECTION_RESET = "ConnectionReset"
+    TIMEOUT = "Timeout"
+    SECURITY_ALERT = "SecurityAlert"
+
+
 class OtlpProtocol(StrEnum):
     GRPC = "Grpc"
     HTTP_PROTOBUF = "HttpProtobuf"
@@ -512,6 +524,41 @@ class IsolationSpec(_Model):
         return self
 
 
+# -- forensics ------------------------------------------------------------------
+
+
+class ForensicsRing(_Model):
+    """dumpcap's ring: at most files x fileSizeMegabytes bytes and files x fileDurationSeconds."""
+
+    files: Annotated[int, Field(ge=2, le=256)] = 32
+    file_size_megabytes: Annotated[int, Field(ge=1, le=1024)] = 4
+    file_duration_seconds: Annotated[int, Field(ge=1, le=60)] = 2
+
+
+class ForensicsSpec(_Model):
+    mode: ForensicsMode = ForensicsMode.OFF
+    triggers: Annotated[list[ForensicsTrigger], Field(max_length=len(ForensicsTrigger))] = list(
+        ForensicsTrigger
+    )
+    ring: ForensicsRing = ForensicsRing()
+    seconds_before: Annotated[int, Field(ge=0, le=600)] = 10
+    seconds_after: Annotated[int, Field(ge=0, le=60)] = 2
+    max_frozen_megabytes: Annotated[int, Field(ge=1, le=16384)] = 128
+    max_frozen_files: Annotated[int, Field(ge=1, le=10000)] = 100
+    max_freezes_per_minute: Annotated[int, Field(ge=1, le=600)] = 6
+
+    @model_validator(mode="after")
+    def _window_fits(self) -> Self:
+        if self.seconds_before + self.seconds_after >= self.ring.files * (
+            self.ring.file_duration_seconds
+        ):
+            raise ValueError(
+                "forensics: secondsBefore + secondsAfter must be shorter than the ring "
+                "(ring.files x ring.fileDurationSeconds)"
+            )
+        return self
+
+
 # -- export ---------------------------------------------------------------------
 
 
@@ -636,6 +683,7 @@ class ProbePolicySpec(_Model):
     agent: AgentSpec | None = None
     anomalies: AnomaliesSpec = AnomaliesSpec()
     isolation: IsolationSpec | None = None
+    forensics: ForensicsSpec = ForensicsSpec()
 
     @model_validator(mode="after")
     def _cross_field(self) -> Self:

@@ -22,6 +22,7 @@ from flowprobe.api import constants
 from flowprobe.api.policyset import CompiledExport, CompiledPolicy, CompiledPolicySet
 from flowprobe.api.v1alpha1 import (
     AnomalyMode,
+    ForensicsMode,
     OtlpExport,
     ProbePolicy,
     Reason,
@@ -229,6 +230,7 @@ def _judge(pol: ProbePolicy, config: OperatorConfig, now: datetime.datetime) -> 
         export=_compile_export(otlp, pol),
         anomalies=pol.spec.anomalies if pol.spec.anomalies.mode != AnomalyMode.OFF else None,
         isolation=pol.spec.isolation,
+        forensics=pol.spec.forensics if pol.spec.forensics.mode != ForensicsMode.OFF else None,
     )
     return verdict
 

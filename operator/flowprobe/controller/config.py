@@ -51,6 +51,12 @@ class AgentDefaults(_Model):
     # True: uid 65532; capture then relies on file capabilities on dumpcap,
     # which need allowPrivilegeEscalation (no_new_privs blocks them).
     run_as_non_root: bool = False
+    # Secret (key "token") holding the bearer token of the agents' pcap
+    # endpoint; mounted only while a policy enables forensics. Missing: the
+    # endpoint refuses everyone.
+    forensics_token_secret: Annotated[str, Field(min_length=1, max_length=253)] = (
+        "flowprobe-forensics-token"
+    )
 
 
 class LeaderElection(_Model):

@@ -137,6 +137,9 @@ def _pod_spec(comp: Compilation, config: OperatorConfig) -> dict[str, Any]:
         mounts.append(
             {"name": vol, "mountPath": f"{constants.SECRETS_DIR}/{secret}", "readOnly": True}
         )
+    forensics_volumes, forensics_mounts = _forensics_volumes(comp, config)
+    volumes += forensics_volumes
+    mounts += forensics_mounts
 
     pod_security: dict[str, Any] = {"seccompProfile": {"type": "RuntimeDefault"}}
     container_security: dict[str, Any] = {
@@ -234,6 +237,44 @@ def _pod_spec(comp: Compilation, config: OperatorConfig) -> dict[str, Any]:
     if agent.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": n} for n in agent.image_pull_secrets]
     return spec
+
+
+# Beyond the ring and the frozen pcaps: the cut being written.
+_FORENSICS_SLACK_MIB = 64
+
+
+def _forensics_volumes(
+    comp: Compilation, config: OperatorConfig
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ring's emptyDir and the pcap endpoint's token, only while a policy enables forensics."""
+    specs = [p.forensics for p in comp.policy_set.policies if p.forensics is not None]
+    if not specs:
+        return [], []
+    # Sized for the largest policy's bounds (the agent applies one policy's),
+    # so the kubelet never evicts the agent for what forensics keeps.
+    mib = _FORENSICS_SLACK_MIB + max(
+        s.ring.files * s.ring.file_size_megabytes + s.max_frozen_megabytes for s in specs
+    )
+    volumes: list[dict[str, Any]] = [
+        {"name": "forensics", "emptyDir": {"sizeLimit": f"{mib}Mi"}},
+        {
+            "name": "forensics-token",
+            "secret": {
+                "secretName": config.agent.forensics_token_secret,
+                "defaultMode": 0o440,
+                # Without the Secret the agent still runs; its endpoint refuses everyone.
+                "optional": True,
+                "items": [
+                    {"key": constants.FORENSICS_TOKEN_KEY, "path": constants.FORENSICS_TOKEN_KEY}
+                ],
+            },
+        },
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "forensics", "mountPath": constants.FORENSICS_DIR},
+        {"name": "forensics-token", "mountPath": constants.FORENSICS_TOKEN_DIR, "readOnly": True},
+    ]
+    return volumes, mounts
 
 
 def _field_env(name: str, path: str) -> dict[str, Any]:

@@ -421,15 +421,7 @@ class LiveCapture:
         return None
 
     def stop(self) -> None:
-        proc = self.dumpcap
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        interrupt(self.dumpcap)
         if self._rows is None:
             return
         # tshark ends by itself once dumpcap's pipe closes; give it time to
@@ -438,6 +430,19 @@ class LiveCapture:
             self._rows.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self._rows.stop()
+
+
+def interrupt(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT a dumpcap's process group (it then closes its output cleanly and reports
+    its counts); SIGKILL after five seconds."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 _DROPS = re.compile(r"received/dropped on interface '[^']*': (\d+)/(\d+)")

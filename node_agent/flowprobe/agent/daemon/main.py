@@ -35,6 +35,7 @@ from flowprobe.agent.enrich.resolver import KubernetesResolver
 from flowprobe.agent.enrich.watch import Watcher, now_us
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
+from flowprobe.agent.forensics.node import NodeForensics
 from flowprobe.agent.isolation.daemon import DaemonIsolation
 from flowprobe.agent.sessionize.records import Endpoints, Exchange
 from flowprobe.agent.sessionize.stats import Stats
@@ -156,8 +157,13 @@ class Daemon:
         self.reporter = LeaseReporter(
             api, settings.namespace, settings.node, settings.pod, settings.report_interval_s
         )
+        self.forensics = NodeForensics(tools)
         self.health = HealthServer(
-            settings.health_address, settings.health_port, self.liveness, self.readiness
+            settings.health_address,
+            settings.health_port,
+            self.liveness,
+            self.readiness,
+            self.forensics.handle,
         )
         self.stop_event = threading.Event()
         self.isolation = DaemonIsolation(self.index, api.base)
@@ -184,6 +190,7 @@ class Daemon:
             if not policies:
                 return
             self.engine.annotate(ex, policies[0], server, client)
+            self.forensics.observe(ex, policies)
         except Exception as exc:
             # A bug on one exchange must not end the capture thread.
             self.stats.anomaly("enrichment_error", repr(exc))
@@ -234,6 +241,7 @@ class Daemon:
     def shutdown(self) -> None:
         self.switcher.stop()
         self.isolation.close()
+        self.forensics.close()
         for t in self.telemetry.values():
             t.close()
         self.telemetry = {}
@@ -298,6 +306,10 @@ class Daemon:
         # Every tick: a dead capture is noticed and, after a pause, restarted.
         self.switcher.check()
         self.switcher.switch(self._scope)
+        scope = self.switcher.scope
+        self.forensics.apply(
+            self.engine.policies, self.settings.interfaces, scope.bpf if scope else None
+        )
 
     def _sync_exports(self, active: list[CompiledPolicy]) -> None:
         wanted = {_export_key(p): p.export for p in active}
@@ -393,6 +405,7 @@ class Daemon:
             "index": self.index.sizes(),
             "reports": self.reporter.reports,
             "isolation": self.isolation.engine.totals(),
+            "forensics": self.forensics.totals(),
         }
 
 

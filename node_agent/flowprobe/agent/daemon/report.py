@@ -31,7 +31,15 @@ Check = Callable[[], tuple[bool, dict[str, Any]]]
 class HealthServer:
     """``GET /healthz`` (liveness) and ``/readyz`` (readiness): 200 or 503 with a JSON body."""
 
-    def __init__(self, address: str, port: int, liveness: Check, readiness: Check) -> None:
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        liveness: Check,
+        readiness: Check,
+        extra: Callable[[BaseHTTPRequestHandler], bool] | None = None,
+    ) -> None:
+        """``extra`` may answer a request first (True when it did): the pcap endpoint."""
         checks = {
             constants.AGENT_HEALTH_LIVENESS_PATH: liveness,
             constants.AGENT_HEALTH_READINESS_PATH: readiness,
@@ -39,6 +47,8 @@ class HealthServer:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if extra is not None and extra(self):
+                    return
                 check = checks.get(self.path.split("?")[0])
                 if check is None:
                     self.send_error(404)
