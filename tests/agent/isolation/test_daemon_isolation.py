@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flowprobe.agent.enrich.index import ClusterIndex
@@ -10,6 +9,7 @@ from flowprobe.agent.isolation.daemon import DaemonIsolation, api_server_address
 from flowprobe.api.policyset import CompiledPolicy
 from tests.agent.export.fakes import exchange
 from tests.agent.isolation.test_engine import MemoryTable
+from tests.operator.clusterkit import wait_until
 
 
 def _policy(name: str, isolation: dict[str, Any] | None) -> CompiledPolicy:
@@ -64,9 +64,9 @@ def test_policies_rules_apply_to_their_exchanges_and_go_with_them() -> None:
     iso.submit(_http("10.244.0.5"), [plain])  # not selected by the policy with rules
     iso.submit(_http("10.0.0.1"), [guarded])  # the API server
     iso.submit(_http("10.244.0.6"), [plain, guarded])
-    deadline = time.monotonic() + 10
-    while sum(iso.engine.totals().values()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(
+        lambda: sum(iso.engine.totals().values()) >= 2, "two decisions", timeout=10, interval=0.01
+    )
     iso.sync([plain], lambda p: None)  # rules gone: the table goes
     assert not table.exists()
     iso.close()
