@@ -6,33 +6,10 @@ from typing import Any
 
 from flowprobe.agent.enrich.index import ClusterIndex
 from flowprobe.agent.isolation.daemon import DaemonIsolation, api_server_addresses
-from flowprobe.api.policyset import CompiledPolicy
+from flowprobe.devenv.k8sobjects import policy
 from tests.agent.export.fakes import exchange
 from tests.agent.isolation.test_engine import MemoryTable
 from tests.operator.clusterkit import wait_until
-
-
-def _policy(name: str, isolation: dict[str, Any] | None) -> CompiledPolicy:
-    return CompiledPolicy.model_validate(
-        {
-            "name": name,
-            "uid": f"uid-{name}",
-            "generation": 1,
-            "namespaceSelector": {},
-            "podSelector": {},
-            "direction": "Both",
-            "protocols": ["HTTP"],
-            "samplingPercent": 100,
-            "payload": {},
-            "redaction": {},
-            "export": {
-                "endpoint": "http://collector:4317",
-                "protocol": "Grpc",
-                "timeoutSeconds": 5,
-            },
-            "isolation": isolation,
-        }
-    )
 
 
 def _http(client: str) -> Any:
@@ -54,11 +31,11 @@ def test_policies_rules_apply_to_their_exchanges_and_go_with_them() -> None:
     table = MemoryTable()
     table.up = True  # left by a crashed agent
     iso.engine.table = table
-    iso.sync([_policy("plain", None)], lambda p: None)
+    iso.sync([policy("plain")], lambda p: None)
     assert not table.exists()  # the first sync removes it, rules or not
     rule = {"name": "no-admin", "type": "DenyRequest", "paths": ["/admin"]}
-    guarded = _policy("guarded", {"mode": "Enforce", "rules": [rule]})
-    plain = _policy("plain", None)
+    guarded = policy("guarded", isolation={"mode": "Enforce", "rules": [rule]})
+    plain = policy("plain")
     iso.sync([guarded, plain], lambda p: None)
     assert table.exists()
     iso.submit(_http("10.244.0.5"), [plain])  # not selected by the policy with rules
