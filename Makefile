@@ -51,6 +51,7 @@ bench: deps backends-tools cluster-tools
 	$(PY) -m flowprobe.devenv.livebench
 	$(PY) -m flowprobe.devenv.secbench
 	$(PY) -m flowprobe.devenv.isolationbench
+	$(PY) -m flowprobe.devenv.anomalybench
 	$(MAKE) bench-operator
 	$(MAKE) bench-enrich
 

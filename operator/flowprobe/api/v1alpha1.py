@@ -14,7 +14,14 @@ import ipaddress
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from flowprobe.api.conditions import Condition
@@ -446,8 +453,15 @@ MAX_PEER_NAMES = 32
 MAX_ISOLATION_PROTECTED = 16
 MAX_BLOCK_SECONDS = 24 * 3600
 
+
+def _network(value: str) -> str:
+    ipaddress.ip_network(value, strict=False)  # ValueError names the bad one
+    return value
+
+
 _Name = Annotated[str, Field(min_length=1, max_length=253)]
-_Cidr = Annotated[str, Field(min_length=1, max_length=43)]
+# An address or network, as the CRD's isCIDR(c) || isIP(c).
+_Cidr = Annotated[str, Field(min_length=1, max_length=43), AfterValidator(_network)]
 
 
 class IsolationPeer(_Model):
@@ -463,13 +477,6 @@ class IsolationPeer(_Model):
     ports: Annotated[
         list[Annotated[int, Field(ge=1, le=65535)]], Field(max_length=MAX_PEER_NAMES)
     ] = []
-
-    @field_validator("cidrs")
-    @classmethod
-    def _networks(cls, value: list[str]) -> list[str]:
-        for cidr in value:
-            ipaddress.ip_network(cidr, strict=False)  # ValueError names the bad one
-        return value
 
 
 class IsolationRule(_Model):
@@ -519,8 +526,6 @@ class IsolationSpec(_Model):
         names = [r.name for r in self.rules]
         if len(names) != len(set(names)):
             raise ValueError("isolation rule names must be unique")
-        for cidr in self.protected_cidrs:
-            ipaddress.ip_network(cidr, strict=False)
         return self
 
 

@@ -108,11 +108,10 @@ class RunResult:
 
 @dataclass(frozen=True)
 class _LastApply:
-    """What the last complete apply wrote and what the server made of it."""
+    """What the last complete apply wrote and what the server made of it (the
+    ServiceAccount's and ConfigMap's resourceVersions: ``Reconciler._applied``)."""
 
     objects: AgentObjects
-    # resourceVersion per kind of the ServiceAccount and ConfigMap.
-    versions: dict[str, str]
     # uid and generation of the DaemonSet: its status updates change the
     # resourceVersion, a spec change or a re-creation changes these.
     daemon_set: tuple[str, int]
@@ -360,9 +359,9 @@ class Reconciler:
         last = self._last_apply
         if last is None or last.objects != objects:
             return None
-        for kind, version in last.versions.items():
+        for kind in ("ServiceAccount", "ConfigMap"):
             seen = self._watched.get(kind)
-            if seen is None or seen["metadata"].get("resourceVersion") != version:
+            if seen is None or seen["metadata"].get("resourceVersion") != self._applied[kind]:
                 return None
         ds = self._watched.get("DaemonSet")
         if ds is None:
@@ -393,7 +392,6 @@ class Reconciler:
         ds_meta = daemon_set["metadata"]
         self._last_apply = _LastApply(
             objects=objects,
-            versions={k: self._applied[k] for k in ("ServiceAccount", "ConfigMap")},
             daemon_set=(str(ds_meta.get("uid", "")), int(ds_meta.get("generation", 0))),
         )
         return daemon_set

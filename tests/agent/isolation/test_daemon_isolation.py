@@ -2,37 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from flowprobe.agent.enrich.index import ClusterIndex
 from flowprobe.agent.isolation.daemon import DaemonIsolation, api_server_addresses
-from flowprobe.api.policyset import CompiledPolicy
+from flowprobe.devenv.k8sobjects import policy
 from tests.agent.export.fakes import exchange
 from tests.agent.isolation.test_engine import MemoryTable
-
-
-def _policy(name: str, isolation: dict[str, Any] | None) -> CompiledPolicy:
-    return CompiledPolicy.model_validate(
-        {
-            "name": name,
-            "uid": f"uid-{name}",
-            "generation": 1,
-            "namespaceSelector": {},
-            "podSelector": {},
-            "direction": "Both",
-            "protocols": ["HTTP"],
-            "samplingPercent": 100,
-            "payload": {},
-            "redaction": {},
-            "export": {
-                "endpoint": "http://collector:4317",
-                "protocol": "Grpc",
-                "timeoutSeconds": 5,
-            },
-            "isolation": isolation,
-        }
-    )
+from tests.operator.clusterkit import wait_until
 
 
 def _http(client: str) -> Any:
@@ -54,19 +31,19 @@ def test_policies_rules_apply_to_their_exchanges_and_go_with_them() -> None:
     table = MemoryTable()
     table.up = True  # left by a crashed agent
     iso.engine.table = table
-    iso.sync([_policy("plain", None)], lambda p: None)
+    iso.sync([policy("plain")], lambda p: None)
     assert not table.exists()  # the first sync removes it, rules or not
     rule = {"name": "no-admin", "type": "DenyRequest", "paths": ["/admin"]}
-    guarded = _policy("guarded", {"mode": "Enforce", "rules": [rule]})
-    plain = _policy("plain", None)
+    guarded = policy("guarded", isolation={"mode": "Enforce", "rules": [rule]})
+    plain = policy("plain")
     iso.sync([guarded, plain], lambda p: None)
     assert table.exists()
     iso.submit(_http("10.244.0.5"), [plain])  # not selected by the policy with rules
     iso.submit(_http("10.0.0.1"), [guarded])  # the API server
     iso.submit(_http("10.244.0.6"), [plain, guarded])
-    deadline = time.monotonic() + 10
-    while sum(iso.engine.totals().values()) < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(
+        lambda: sum(iso.engine.totals().values()) >= 2, "two decisions", timeout=10, interval=0.01
+    )
     iso.sync([plain], lambda p: None)  # rules gone: the table goes
     assert not table.exists()
     iso.close()

@@ -22,6 +22,7 @@ from flowprobe.agent.security.alerts import Alerts
 from flowprobe.agent.security.stage import WAF_MATCH
 from flowprobe.api.v1alpha1 import IsolationSpec, ProbePolicySpec
 from tests.agent.export.fakes import exchange
+from tests.operator.clusterkit import wait_until
 
 NOW_US = int(time.time() * 1_000_000)
 CLIENT, OTHER, SERVER = "10.0.0.1", "10.0.0.9", "10.0.0.2"
@@ -174,10 +175,7 @@ def test_new_edge_after_learning_and_waf_severity() -> None:
 def test_rule_change_lifts_blocks_and_rules_are_scoped_per_policy() -> None:
     engine, table, _logs = _engine([{"name": "r", "type": "DenyRequest", "paths": ["/*"]}])
     engine.submit(_http(CLIENT, "GET", "/"))
-    deadline = time.monotonic() + 10
-    while not table.blocked and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert table.blocked
+    wait_until(lambda: table.blocked, "the block", timeout=10, interval=0.01)
     spec = IsolationSpec.model_validate(
         {"mode": "Enforce", "rules": [{"name": "r", "type": "DenyRequest", "paths": ["/a"]}]}
     )

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from flowprobe.devenv.nsproxy import Forwarder
 from flowprobe.devenv.servers import start_http
 from tests.agent.export.fakes import FakeGrpcReceiver, attrs
 from tests.agent.helpers import stop_agent
+from tests.operator.clusterkit import wait_until
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
 
@@ -72,14 +73,6 @@ def blocks(node: Node) -> set[tuple[str, str, int]] | None:
         for item in data
         for e in item.get("set", {}).get("elem", [])
     }
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -131,28 +124,28 @@ def test_denied_request_blocks_its_client_until_ttl_rule_change_and_removal(
     assert blocks(node) == set()
     assert request(c1, api) == "200"
     assert request(c1, api, "POST", "/admin/users") == "200"
-    wait_for("the block", lambda: blocks(node) == {(c1.ip, api.ip, 8080)})
+    wait_until(lambda: blocks(node) == {(c1.ip, api.ip, 8080)}, "the block", interval=0.1)
     assert request(c1, api) == "ConnectionRefusedError"
     # Other clients keep working; a protected one breaking the rule is not blocked.
     assert request(c2, api) == "200"
     assert request(c2, api, "POST", "/admin") == "200"
     assert request(c2, api) == "200"
     # The TTL lifts the block (the kernel removes the element).
-    wait_for("the TTL", lambda: blocks(node) == set())
+    wait_until(lambda: blocks(node) == set(), "the TTL", interval=0.1)
     assert request(c1, api) == "200"
 
     # A rule change lifts the blocks of the old rules at once.
     assert request(c1, api, "POST", "/admin") == "200"
-    wait_for("the second block", lambda: blocks(node) == {(c1.ip, api.ip, 8080)})
+    wait_until(lambda: blocks(node) == {(c1.ip, api.ip, 8080)}, "the second block", interval=0.1)
     changed = {**DENY_ADMIN, "rules": [{**NO_ADMIN, "paths": ["/debug/*"]}]}
     (tmp_path / "rules.json").write_text(json.dumps(changed))
-    wait_for("the rule change", lambda: blocks(node) == set())
+    wait_until(lambda: blocks(node) == set(), "the rule change", interval=0.1)
     assert request(c1, api) == "200"
     assert request(c1, api, "POST", "/admin") == "200"
     assert request(c1, api) == "200"
     # Removing the rules removes the table.
     (tmp_path / "rules.json").unlink()
-    wait_for("the table's removal", lambda: blocks(node) is None)
+    wait_until(lambda: blocks(node) is None, "the table's removal", interval=0.1)
     stop_agent(agent)
     counts = stats(tmp_path)
     assert counts["blocked"] == 2 and counts["protected"] == 1, counts
@@ -214,7 +207,7 @@ def test_restart_after_a_crash_leaves_no_stale_rules(
     agent = start(node, tmp_path, rules, *names)
     assert request(c2, api, "POST", "/admin") == "200"  # not the frontend
     assert request(c1, api, "POST", "/admin") == "200"
-    wait_for("the block", lambda: blocks(node) == {(c1.ip, api.ip, 8080)})
+    wait_until(lambda: blocks(node) == {(c1.ip, api.ip, 8080)}, "the block", interval=0.1)
     os.killpg(agent.pid, signal.SIGKILL)
     agent.wait()
     # A crash cannot clean up: the block outlives the agent ...
@@ -241,7 +234,7 @@ def test_critical_crs_match_blocks_the_source(
     sqli = "/items?id=1%27%20UNION%20SELECT%20password%20FROM%20users--"
     assert request(c2, api, "GET", "/orders/7") == "200"
     request(c1, api, "GET", sqli)
-    wait_for("the block", lambda: blocks(node) == {(c1.ip, api.ip, 8080)})
+    wait_until(lambda: blocks(node) == {(c1.ip, api.ip, 8080)}, "the block", interval=0.1)
     assert request(c1, api) == "ConnectionRefusedError"
     assert request(c2, api) == "200"
     stop_agent(agent)
@@ -264,7 +257,7 @@ def test_new_edge_after_learning_is_blocked(
     time.sleep(max(0.0, learning_ends - time.monotonic()) + 0.5)
     assert request(c1, api) == "200"
     assert request(c2, api) == "200"  # a new edge: reported and blocked after the exchange
-    wait_for("the block", lambda: blocks(node) == {(c2.ip, api.ip, 8080)})
+    wait_until(lambda: blocks(node) == {(c2.ip, api.ip, 8080)}, "the block", interval=0.1)
     assert request(c2, api) == "ConnectionRefusedError"
     assert request(c1, api) == "200"
     stop_agent(agent)

@@ -8,6 +8,7 @@ from flowprobe.agent.analyze.stage import SCOPE, Analyzer
 from flowprobe.agent.config import AnomalyConfig
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.security.alerts import open_alerts
+from flowprobe.agent.security.options import metrics
 from flowprobe.api.v1alpha1 import AnomaliesSpec, AnomalyMode
 
 # flag -> (AnomalyConfig field, metavar, help)
@@ -99,5 +100,4 @@ def attach(config: AnomalyConfig, telemetry: Telemetry, live: bool) -> Analyzer:
     """An analyzer on ``telemetry``, alerting to its OTLP logs endpoint if it has one
     (raises OtlpConfigError)."""
     alerts = open_alerts(telemetry.config, telemetry, SCOPE)
-    metrics = telemetry.metrics if telemetry.metric_exporter is not None else None
-    return Analyzer(config, alerts, metrics, live).attach(telemetry)
+    return Analyzer(config, alerts, metrics(telemetry), live).attach(telemetry)

@@ -161,12 +161,10 @@ class PolicyEngine:
                 (p, frozenset(k for k, v in PROTOCOL_OF.items() if v in p.protocols))
                 for p in self.policies
             ]
-            self._selected.clear()
-            self._admitted.clear()
-            self._choices.clear()
             self._patterns = patterns
-            # Answers derived from the old policies elsewhere (the resolvers'
-            # admitted pods) are keyed on the index generation.
+            # Answers derived from the old policies (selections here, the
+            # resolvers' admitted pods) are keyed on the index generation:
+            # _check_generation drops them at their next use.
             self.index.invalidate()
 
     # -- selection --------------------------------------------------------
