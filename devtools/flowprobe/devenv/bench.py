@@ -19,6 +19,12 @@ read (a sample of the file's, kept from the first offline run), encoded to
 OTLP but not sent. That figure does not move when tshark or the sessionizer
 get faster, where the ratio does.
 
+CPU seconds per run are printed too: the agent's (this process), tshark's
+(children waited for) and the backends' (``/proc``), with their sum over the
+cores as a floor under the wall time: on a 2-core machine the collector and
+Jaeger take about as much CPU as the agent's export, which bounds the ratio
+whichever process the export runs in.
+
 Bytes on the wire are counted by a TCP proxy (``nsproxy``, in its own process)
 between the agent and the collector, on one more export run that is not part of
 the timing: TCP payload, i.e. HTTP/2 frames with the gRPC messages, both signals,
