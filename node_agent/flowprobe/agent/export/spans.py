@@ -539,7 +539,13 @@ class Linker:
             self.held += 1
             node.held_at = self.clock()
             heapq.heappush(self._waiting, (node.end_us + self.window_us, node.seq, node))
-        self.release()
+        waiting = self._waiting
+        # The release above left nothing due; only this node can be (it ended
+        # more than a window before the latest end seen), or the held limit.
+        if waiting and (waiting[0][0] < self.now_us or self.held > self.max_held):
+            self.release()
+        else:
+            self._prune()
 
     def release(self, idle: bool = False) -> None:
         """Decide every waiting node whose window has passed (in capture or, if idle, wall time)."""
