@@ -19,6 +19,12 @@ read (a sample of the file's, kept from the first offline run), encoded to
 OTLP but not sent. That figure does not move when tshark or the sessionizer
 get faster, where the ratio does.
 
+CPU seconds per run are printed too: the agent's (this process), tshark's
+(children waited for) and the backends' (``/proc``), with their sum over the
+cores as a floor under the wall time: on a 2-core machine the collector and
+Jaeger take about as much CPU as the agent's export, which bounds the ratio
+whichever process the export runs in.
+
 Bytes on the wire are counted by a TCP proxy (``nsproxy``, in its own process)
 between the agent and the collector, on one more export run that is not part of
 the timing: TCP payload, i.e. HTTP/2 frames with the gRPC messages, both signals,
@@ -55,6 +61,7 @@ from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.devenv.backends import LocalBackends
+from flowprobe.devenv.livebench import cpu_seconds, tree_pids
 from flowprobe.devenv.pcapgen import write_pcap
 
 CACHE = Path(os.environ.get("FLOWPROBE_CACHE", Path.home() / ".cache" / "flowprobe")) / "bench"
@@ -115,6 +122,12 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
+def _children_cpu_s() -> float:
+    """CPU seconds of the children that exited and were waited for: the tshark runs."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 @dataclass
 class ExportRun:
     seconds: float
@@ -124,6 +137,9 @@ class ExportRun:
     spans_dropped: int
     exchanges_dropped: int
     failed_requests: dict[str, int]
+    tshark_cpu_s: float
+    # The collector, Jaeger and Prometheus, which share the cores in this run.
+    backends_cpu_s: float
 
 
 def run_agent_export(tools: Tools, path: Path, endpoint: str, compression: str) -> ExportRun:
@@ -147,6 +163,9 @@ def run_agent_export(tools: Tools, path: Path, endpoint: str, compression: str) 
     pipeline = Pipeline(
         AgentConfig(export=export), Sinks(exchange=[count, telemetry.submit]), stats
     )
+    # Before tshark starts, every descendant is a backend (or the counting proxy).
+    backends = [pid for pid in tree_pids(os.getpid()) if pid != os.getpid()]
+    backends0, children0 = cpu_seconds(backends), _children_cpu_s()
     cpu0, t0 = _cpu_s(), time.perf_counter()
     telemetry.start()
     rows = read_file(tools, str(path), pipeline.tshark_options)
@@ -162,6 +181,8 @@ def run_agent_export(tools: Tools, path: Path, endpoint: str, compression: str) 
         sum(c.spans_dropped.values()),
         sum(c.exchanges_dropped.values()),
         dict(c.export_failures),
+        _children_cpu_s() - children0,
+        cpu_seconds(backends) - backends0,
     )
 
 
@@ -313,7 +334,7 @@ def main() -> None:
             # collector would re-render thousands of series every second, on
             # the cores the measured agent needs.
             backends = stack.enter_context(LocalBackends(otlp_file=False, scrape_interval="15s"))
-        raw_t, agent_t, single_t, agent_cpu, exports, seen = [], [], [], [], [], 0
+        raw_t, agent_t, single_t, agent_cpu, single_cpu, exports, seen = [], [], [], [], [], [], 0
         # Exchanges for the export-only figure, spread over the whole file so
         # the protocol mix is the file's.
         sample: list[Exchange] = []
@@ -330,7 +351,9 @@ def main() -> None:
             agent_cpu.append(_cpu_s() - cpu0)
             agent_t.append(t)
             if args.shards > 1:
+                cpu0, children0 = _cpu_s(), _children_cpu_s()
                 single_t.append(run_agent(tools, path, 1)[0])
+                single_cpu.append((_cpu_s() - cpu0, _children_cpu_s() - children0))
             if backends is not None:
                 exports.append(
                     run_agent_export(tools, path, backends.otlp_grpc, args.otlp_compression)
@@ -378,6 +401,8 @@ def main() -> None:
         # The export runs read with one tshark: compare like with like.
         one_tshark = statistics.median(single_t) if single_t else agent
         _report_export(exports, one_tshark, statistics.median(agent_cpu), total, wire, args)
+        if single_cpu:
+            _report_cpu(exports, single_cpu, one_tshark)
 
 
 def _report_export(
@@ -420,6 +445,33 @@ def _report_export(
             f"bytes/span; {up / 1e6:.1f} MB in {counts.get('connections', 0)} connections; "
             "TCP payload counted by a proxy on one more, untimed run)"
         )
+
+
+def _report_cpu(
+    exports: list[ExportRun], single_cpu: list[tuple[float, float]], single_s: float
+) -> None:
+    """Where the cores went, offline (one tshark) and with export: what bounds the export rate.
+
+    On a machine with few cores, the sum of every process's CPU divided by the
+    cores is a floor under the wall time, whatever runs in parallel.
+    """
+    cores = os.cpu_count() or 1
+    agent = statistics.median(a for a, _ in single_cpu)
+    tshark = statistics.median(t for _, t in single_cpu)
+    print(
+        f"CPU s, offline (one tshark):       agent {agent:.1f}, tshark {tshark:.1f}: "
+        f"{agent + tshark:.1f} s on {cores} cores in {single_s:.1f} s"
+    )
+    e_agent = statistics.median(e.cpu_s for e in exports)
+    e_tshark = statistics.median(e.tshark_cpu_s for e in exports)
+    e_back = statistics.median(e.backends_cpu_s for e in exports)
+    e_total = e_agent + e_tshark + e_back
+    print(
+        f"CPU s, with export:                agent {e_agent:.1f}, tshark {e_tshark:.1f}, "
+        f"collector + Jaeger + Prometheus {e_back:.1f}: {e_total:.1f} s, at least "
+        f"{e_total / cores:.1f} s of wall time on {cores} cores "
+        f"(took {statistics.median(e.seconds for e in exports):.1f} s)"
+    )
 
 
 if __name__ == "__main__":

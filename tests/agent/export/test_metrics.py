@@ -5,11 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, NumberDataPoint
+from opentelemetry.sdk.resources import Resource
 
 from flowprobe.agent.config import ExportConfig
 from flowprobe.agent.export import semconv as sc
-from flowprobe.agent.sessionize.records import Outcome, TcpFigures
-from tests.agent.export.fakes import exchange, run_telemetry
+from flowprobe.agent.export.metrics import Metrics
+from flowprobe.agent.export.spans import NodeFactory, SpanBuilder
+from flowprobe.agent.export.workloads import AddressResolver
+from flowprobe.agent.sessionize.records import Exchange, Outcome, TcpFigures
+from tests.agent.export.fakes import MemoryMetricExporter, exchange, run_telemetry
 
 T0 = 1_700_000_000_000_000
 
@@ -194,3 +198,66 @@ def test_semconv_names_match_the_installed_conventions() -> None:
     assert sc.DNS_LOOKUP_DURATION == dns_metrics.DNS_LOOKUP_DURATION
     assert sc.HTTP_ROUTE == http_attributes.HTTP_ROUTE
     assert sc.ERROR_TYPE == error_attributes.ERROR_TYPE
+
+
+def _record(metrics: Metrics, exs: list[Exchange]) -> None:
+    """Exchanges straight into ``metrics``, as the export's process thread records them."""
+    builder, factory, resolver = SpanBuilder(), NodeFactory(b"test"), AddressResolver()
+    for ex in exs:
+        ep = ex.endpoints
+        node = factory.node(
+            ex, resolver.client(ep.client_address), resolver.server(ep.server_address, 8080)
+        )
+        node.trace_id = node.own_trace_id
+        metrics.record(node, builder.build(node))
+
+
+def _histograms(metrics: Metrics, name: str) -> dict[tuple[str, Any, Any, Any], int]:
+    """(service.name, route or server.address, status code, error.type) -> count, collected now."""
+    exporter = MemoryMetricExporter()
+    exporter.export(metrics.collect())
+    return {
+        (
+            res["service.name"],
+            a.get("http.route", a.get("server.address")),
+            a.get("http.response.status_code"),
+            a.get("error.type"),
+        ): p.count
+        for res, a, p in exporter.points(name)
+    }
+
+
+def test_repeated_series_are_found_again_with_each_span_s_own_error() -> None:
+    # A 404 fails the CLIENT span but not the SERVER span: the series found
+    # for one must not serve the other, nor the 200s.
+    exs = [
+        http("/a", "10.0.0.1", code=404),
+        http("/a", "10.0.0.1"),
+        http("/a", "10.0.0.1", code=404),
+    ]
+    metrics = Metrics(Resource({}))
+    _record(metrics, exs)
+    assert _histograms(metrics, sc.HTTP_CLIENT_REQUEST_DURATION) == {
+        ("10.0.0.1", "10.0.0.2", 404, "404"): 2,
+        ("10.0.0.1", "10.0.0.2", 200, None): 1,
+    }
+    assert _histograms(metrics, sc.HTTP_SERVER_REQUEST_DURATION) == {
+        ("10.0.0.2:8080", "/a", 404, None): 2,
+        ("10.0.0.2:8080", "/a", 200, None): 1,
+    }
+    # The next collection starts from the series, not from what was found before.
+    _record(metrics, exs[:1])
+    assert (
+        _histograms(metrics, sc.HTTP_CLIENT_REQUEST_DURATION)[("10.0.0.1", "10.0.0.2", 404, "404")]
+        == 3
+    )
+
+
+def test_series_beyond_the_limit_go_to_the_overflow_series_every_time() -> None:
+    metrics = Metrics(Resource({}), max_series=1)
+    _record(metrics, [http(p, "10.0.0.1") for p in ("/a", "/b", "/a", "/b", "/c")])
+    assert _histograms(metrics, sc.HTTP_SERVER_REQUEST_DURATION) == {
+        ("10.0.0.2:8080", "/a", 200, None): 2,
+        ("10.0.0.2:8080", None, None, None): 3,  # otel.metric.overflow=true, no other attribute
+    }
+    assert metrics.overflows >= 3

@@ -223,6 +223,17 @@ class _EdgeSlots:
     request_bytes: list[float]
     response_bytes: list[float]
     duration: _Hist
+    # Only once the edge has an RTT sample: an empty series would be exported.
+    rtt: _Hist | None = None
+
+
+@dataclass(slots=True)
+class _SpanSlot:
+    """A span's duration histogram, found once per workload, instrument and attributes."""
+
+    hist: _Hist
+    bounds: tuple[float, ...]
+    state_key: object
 
 
 @dataclass
@@ -264,6 +275,7 @@ class Metrics:
         self._agent = _State(agent_resource, time.time_ns())
         self._retired: list[_State] = []
         self._edge_slots: dict[Key, _EdgeSlots] = {}
+        self._span_slots: dict[tuple[Workload, str, str | None, tuple[Any, ...]], _SpanSlot] = {}
         self._self_start = time.time_ns()
         self._self_last: dict[tuple[str, Key], float] = {}
         # Metrics made elsewhere (analyze/: top-N gauges) for the agent's
@@ -285,6 +297,8 @@ class Metrics:
         if len(self._states) >= self.max_workloads:
             _, old = self._states.popitem(last=False)
             self.evictions += 1
+            # Cached slots may belong to the retired state.
+            self._span_slots.clear()
             # Exported once more at the next collect, then forgotten.
             self._retired.append(old)
         state = self._states[key] = _State(Resource(resource_attributes(wl)), time.time_ns())
@@ -348,8 +362,27 @@ class Metrics:
                 if not span.client or failed is None:
                     failed = span.error is not None
                 inst, keys = pick(ex.protocol, span)
-                if inst is not None:
-                    self._add(self._state(span.workload), inst, _key(span, keys), seconds)
+                if inst is None:
+                    continue
+                # The metric attributes are the exchange's (shared) but for
+                # error.type, which is the span's own: so the values and the
+                # span's error find the series without building its key.
+                wl = span.workload
+                cache_key = (wl, inst.name, span.error, tuple(map(span.shared.get, keys)))
+                cached = self._span_slots.get(cache_key)
+                if cached is None:
+                    assert inst.bounds is not None
+                    overflows = self.overflows
+                    state = self._state(wl)
+                    cached = _SpanSlot(
+                        cast(_Hist, self._slot(state, inst, _key(span, keys))), inst.bounds, wl.key
+                    )
+                    if self.overflows == overflows:
+                        # Not an overflow series: those keep being counted per measurement.
+                        self._span_slots[cache_key] = cached
+                else:
+                    self._states.move_to_end(cached.state_key)
+                _observe(cached.hist, cached.bounds, seconds)
             edge: Key = (
                 ("flowprobe.client.service", node.client_wl.name if node.client_wl else EXTERNAL),
                 ("flowprobe.server.service", node.server_wl.name if node.server_wl else EXTERNAL),
@@ -367,7 +400,10 @@ class Metrics:
             if f.retransmits:
                 self._add(agent, EDGE_RETRANSMITS, edge, f.retransmits)
             if f.rtt_samples:
-                self._add(agent, EDGE_RTT, edge, f.rtt_sum_us / f.rtt_samples / 1e6)
+                rtt = slots.rtt
+                if rtt is None:
+                    rtt = slots.rtt = cast(_Hist, self._slot(agent, EDGE_RTT, edge))
+                _observe(rtt, sc.RTT_BUCKETS, f.rtt_sum_us / f.rtt_samples / 1e6)
 
     def count(self, inst: Instrument, key: Key, value: float = 1) -> None:
         """A sum on the agent's resource measured off the span path (security/)."""
@@ -384,6 +420,7 @@ class Metrics:
         extra = [m for collect in self.collectors for m in collect(now)]
         with self._lock:
             self._edge_slots.clear()
+            self._span_slots.clear()
             retired, self._retired = self._retired, []
             states = [*retired, *self._states.values(), self._agent]
             for state in states:

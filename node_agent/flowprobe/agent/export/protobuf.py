@@ -161,7 +161,7 @@ class AttributeEncoder:
     def _value_encoder(self, key: str) -> Callable[[Any], bytes]:
         enc = self._single.get(key)
         if enc is None:
-            enc = self._single[key] = _value_encoder(self.field_tag, key, self.max_entries)
+            enc = self._single[key] = value_encoder(self.field_tag, key, self.max_entries)
         return enc
 
 
@@ -201,7 +201,7 @@ def _one(key: str) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
     return lambda attrs: (attrs[key],)
 
 
-def _value_encoder(field_tag: bytes, key: str, max_values: int) -> Callable[[Any], bytes]:
+def value_encoder(field_tag: bytes, key: str, max_values: int) -> Callable[[Any], bytes]:
     """A function encoding ``key``'s values as KeyValue fields, its constant part kept.
 
     What precedes the AnyValue body (tag, lengths, the key) depends only on

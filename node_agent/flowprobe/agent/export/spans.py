@@ -32,7 +32,7 @@ from flowprobe.agent.export.naming import (
     rpc_span_name,
 )
 from flowprobe.agent.export.workloads import Workload, host_port
-from flowprobe.agent.sessionize.records import Exchange, Outcome
+from flowprobe.agent.sessionize.records import Endpoints, Exchange, Outcome
 
 SCOPE_NAME = "flowprobe.agent"
 SCOPE_VERSION = "0.1.0"
@@ -67,10 +67,7 @@ _ALONE = frozenset(
         "flowprobe.tcp.handshake.client_us",
     }
 )
-_CONNECTION = (
-    frozenset({sc.CLIENT_ADDRESS, sc.CLIENT_PORT}),
-    frozenset({sc.NETWORK_PEER_ADDRESS, sc.NETWORK_PEER_PORT}),
-)
+_CONNECTION = (frozenset({sc.CLIENT_ADDRESS, sc.CLIENT_PORT}),)
 _FAILED = frozenset({Outcome.NO_RESPONSE, Outcome.RESET, Outcome.TIMEOUT})
 # Query parameters semconv asks to redact in url.query / url.full.
 _SENSITIVE_QUERY_KEYS = frozenset({"awsaccesskeyid", "signature", "sig", "x-goog-signature"})
@@ -100,6 +97,8 @@ _FLAGS = pb.tag(16, 5) + struct.pack("<I", 0x100)
 _SCOPE_SPANS_SPAN = pb.tag(2, 2)
 _RESOURCE_SPANS = pb.tag(1, 2)
 _ZERO_ID = bytes(8)
+_RULE_IN_FLIGHT = pb.key_value(_SPAN_ATTRIBUTE, sc.FLOWPROBE_LINK, RULE_IN_FLIGHT)
+_RULE_SAME_EXCHANGE = pb.key_value(_SPAN_ATTRIBUTE, sc.FLOWPROBE_LINK, RULE_SAME_EXCHANGE)
 
 
 @dataclass(slots=True)
@@ -158,7 +157,11 @@ class SpanBuilder:
     def __init__(self, routes: RouteTable | None = None, max_names: int = 8192) -> None:
         self.routes = routes or RouteTable()
         self._shared = pb.AttributeEncoder(_SPAN_ATTRIBUTE, _CONNECTION, _ALONE, _NOT_ATTRIBUTES)
-        self._own = pb.AttributeEncoder(_SPAN_ATTRIBUTE, _CONNECTION, _ALONE)
+        # A span's own attributes (``_describe``) are its connection's peer
+        # and local sockets, encoded once per connection, and what build()
+        # and _span() add: url.full, the parent rule, error.type.
+        self._sockets: dict[Endpoints, tuple[bytes, bytes]] = {}
+        self._url_full = pb.value_encoder(_SPAN_ATTRIBUTE, sc.URL_FULL, max_names)
         self._names: dict[str, bytes] = {}
         self._max_names = max_names
 
@@ -168,7 +171,7 @@ class SpanBuilder:
         shared = ex.to_dict()
         # Decided per span, with its status (a 404 fails the CLIENT span only).
         shared.pop(sc.ERROR_TYPE, None)
-        name, client, server = self._describe(ex, shared)
+        name, client, server, sockets = self._describe(ex, shared)
         name_field = self._names.get(name)
         if name_field is None:
             if len(self._names) >= self._max_names:
@@ -202,11 +205,14 @@ class SpanBuilder:
         if node.client_span_id:
             assert node.client_wl is not None
             parent = node.parent
+            head = trace + _SPAN_ID + node.client_span_id
+            # In the order the fields were added: sockets, rule, error, url.full.
+            own = sockets[0]
             if parent is not None:
                 client[sc.FLOWPROBE_LINK] = RULE_IN_FLIGHT
-            head = trace + _SPAN_ID + node.client_span_id
-            if parent is not None:
                 head += _PARENT_ID + parent.server_span_id
+                own += _RULE_IN_FLIGHT
+            url_full = client.get(sc.URL_FULL)
             spans.append(
                 self._span(
                     True,
@@ -215,16 +221,19 @@ class SpanBuilder:
                     middle,
                     shared,
                     client,
-                    events,
+                    own,
+                    self._url_full(url_full) + events if url_full is not None else events,
                     error_of(ex, shared, client=True),
                 )
             )
         if node.server_span_id:
             assert node.server_wl is not None
             head = trace + _SPAN_ID + node.server_span_id
+            own = sockets[1]
             if node.client_span_id:
                 server[sc.FLOWPROBE_LINK] = RULE_SAME_EXCHANGE
                 head += _PARENT_ID + node.client_span_id
+                own += _RULE_SAME_EXCHANGE
             spans.append(
                 self._span(
                     False,
@@ -233,6 +242,7 @@ class SpanBuilder:
                     middle,
                     shared,
                     server,
+                    own,
                     events,
                     error_of(ex, shared, client=False),
                 )
@@ -247,21 +257,28 @@ class SpanBuilder:
         middle: bytes,
         shared: dict[str, Any],
         own: dict[str, Any],
-        events: bytes,
+        own_encoded: bytes,
+        tail: bytes,
         error: str | None,
     ) -> SpanRecord:
-        """One span: fields in field-number order, as protobuf writers emit them."""
+        """One span: fields in field-number order, as protobuf writers emit them.
+
+        ``own_encoded`` is ``own`` but for error.type, added here; ``tail``
+        what follows it (url.full, the events).
+        """
         if error is not None:
             own[sc.ERROR_TYPE] = error
-        body = b"".join((head, middle, self._own.encode(own), events, _status(error), _FLAGS))
+            own_encoded += pb.key_value(_SPAN_ATTRIBUTE, sc.ERROR_TYPE, error)
+        body = b"".join((head, middle, own_encoded, tail, _status(error), _FLAGS))
         return SpanRecord(client, wl, shared, own, error, pb.field(_SCOPE_SPANS_SPAN, body))
 
     # -- per protocol -----------------------------------------------------
 
     def _describe(
         self, ex: Exchange, base: dict[str, Any]
-    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
-        """Span name and the attributes that differ between the CLIENT and SERVER span."""
+    ) -> tuple[str, dict[str, Any], dict[str, Any], tuple[bytes, bytes]]:
+        """Span name, the attributes that differ between the CLIENT and SERVER span,
+        and their socket attributes encoded (the same for the whole connection)."""
         proto = ex.protocol
         attrs = ex.attrs
         ep = ex.endpoints
@@ -275,27 +292,30 @@ class SpanBuilder:
             sc.NETWORK_LOCAL_ADDRESS: ep.server_address,
             sc.NETWORK_LOCAL_PORT: ep.server_port,
         }
+        sockets = self._sockets.get(ep)
+        if sockets is None:
+            if len(self._sockets) >= self._max_names:
+                self._sockets.clear()
+            sockets = self._sockets[ep] = (
+                pb.attributes(_SPAN_ATTRIBUTE, client.items()),
+                pb.attributes(_SPAN_ATTRIBUTE, server.items()),
+            )
         rpc_name = rpc_span_name(attrs) if proto != "http" else None
         if proto in sc.SERVER_PROTOCOLS and rpc_name is not None:
             base.setdefault(sc.RPC_SYSTEM, "grpc")
             code = grpc_status_code(attrs)
             if code is not None:
                 base[sc.RPC_GRPC_STATUS_CODE] = code
-            return rpc_name, client, server
+            return rpc_name, client, server, sockets
         if proto in sc.SERVER_PROTOCOLS:
-            return self._http(ex, base, client, server)
+            return self._http(ex, base, client), client, server, sockets
         if proto in sc.DB_PROTOCOLS:
             base.setdefault(sc.DB_SYSTEM_NAME, proto)
-            return db_span_name(attrs, proto), client, server
-        return endpoint_name(ex, self.routes), client, server
+            return db_span_name(attrs, proto), client, server, sockets
+        return endpoint_name(ex, self.routes), client, server, sockets
 
-    def _http(
-        self,
-        ex: Exchange,
-        base: dict[str, Any],
-        client: dict[str, Any],
-        server: dict[str, Any],
-    ) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    def _http(self, ex: Exchange, base: dict[str, Any], client: dict[str, Any]) -> str:
+        """The span name; the HTTP attributes into ``base``, url.full into ``client``."""
         a = ex.attrs
         ep = ex.endpoints
         method, original = normalize_method(str(a.get(sc.HTTP_REQUEST_METHOD, "")))
@@ -323,7 +343,7 @@ class SpanBuilder:
         client[sc.URL_FULL] = f"http://{authority}{path}" + (
             f"?{query}" if isinstance(query, str) else ""
         )
-        return f"{method} {route}", client, server
+        return f"{method} {route}"
 
 
 def error_of(ex: Exchange, attrs: Mapping[str, Any], client: bool) -> str | None:
@@ -518,7 +538,13 @@ class Linker:
             self.held += 1
             node.held_at = self.clock()
             heapq.heappush(self._waiting, (node.end_us + self.window_us, node.seq, node))
-        self.release()
+        waiting = self._waiting
+        # The release above left nothing due; only this node can be (it ended
+        # more than a window before the latest end seen), or the held limit.
+        if waiting and (waiting[0][0] < self.now_us or self.held > self.max_held):
+            self.release()
+        else:
+            self._prune()
 
     def release(self, idle: bool = False) -> None:
         """Decide every waiting node whose window has passed (in capture or, if idle, wall time)."""
