@@ -5,11 +5,11 @@ tshark keeps state for every packet it has seen. Its session auto-reset
 req/s, the lowest RSS after each reset still rose by about 20 MB a minute
 (docs/performance.md). So when tshark's RSS passes a limit, a second
 ``dumpcap | tshark`` starts; once its dumpcap captures, the handover instant T
-is taken. Both capture for ``HANDOVER_OVERLAP_S`` after it (dumpcap
-reports "Capturing on" a few ms before its first packet); the old dumpcap is
-stopped once its tshark has read up to the end of the overlap (a row stamped
-that late, or no row for ``IDLE_S``): under load tshark runs seconds behind
-the wire, and a dumpcap stopped earlier takes the packets still in its kernel
+is taken (dumpcap prints "Capturing on" a moment before it captures, so
+LiveCapture.wait_capturing allows for that). The old dumpcap is stopped once
+its tshark has read up to T (a row stamped that late, or no row for
+``IDLE_S``): under load tshark runs seconds behind the wire, and a dumpcap
+stopped earlier takes the packets still in its kernel
 buffer with it, uncounted as drops. The new tshark starts only after the old
 one exited (two tsharks would hold twice the memory), its dumpcap holding the
 packets in the kernel's capture buffer meanwhile, and skips every packet up
@@ -40,8 +40,6 @@ log = logging.getLogger("flowprobe.agent.capture")
 DEFAULT_TSHARK_RSS_LIMIT = 250 * 1024 * 1024
 # tshark delivering no row for this long has no backlog left to deliver.
 IDLE_S = 0.5
-# How long the old and the new capture both capture at a handover.
-HANDOVER_OVERLAP_S = 0.5
 # The longest an old capture may take to catch up with the end of the overlap.
 HANDOVER_MAX_S = 30.0
 # On SIGINT/SIGTERM, how long tshark may take to read what was captured
@@ -185,16 +183,16 @@ class RotatingCapture:
                 nxt.stop()
                 return None
             self._next = nxt
-        # dumpcap says "Capturing on" a few ms before it captures, so the old
-        # capture goes on past that moment; the new one starts after the last
-        # packet the old one delivered.
-        end_us = int((time.time() + HANDOVER_OVERLAP_S) * 1_000_000)
+        # The new capture captures from here on (wait_capturing allows for
+        # dumpcap's settling); it starts after the last packet the old one
+        # delivered.
+        end_us = int(time.time() * 1_000_000)
         old = self.current
         # No row was read while the new capture started: that was not tshark idling.
         self._last_row_at = time.monotonic()
 
         def end_old() -> None:
-            if not self.wait_caught_up(end_us, HANDOVER_OVERLAP_S + HANDOVER_MAX_S):
+            if not self.wait_caught_up(end_us, HANDOVER_MAX_S):
                 log.warning(
                     "tshark rotation: old tshark still %.1f s behind after %.0f s; stopping it",
                     (end_us - self._last_ts_us) / 1e6,

@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,6 +131,13 @@ def dumpcap_args(
     return args
 
 
+# dumpcap says "Capturing on" a moment before its capture takes effect:
+# packets sent right after the line were missed in about half the tries on
+# loopback, none after 0.1 s (dumpcap 4.0.17). A capture counts as started
+# this long after the line.
+CAPTURE_SETTLE_S = 0.5
+
+
 class _StderrTail:
     """Drains a process's stderr so it can never block, keeping the last lines."""
 
@@ -138,6 +145,7 @@ class _StderrTail:
         self.lines: deque[str] = deque(maxlen=lines)
         # Set on dumpcap's "Capturing on ..." line: its interfaces are open.
         self.capturing = threading.Event()
+        self._capturing_at = 0.0
         self._thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
         self._thread.start()
 
@@ -147,7 +155,21 @@ class _StderrTail:
             if line and "Running as user" not in line:
                 self.lines.append(line)
             if line.startswith("Capturing on"):
+                self._capturing_at = time.monotonic()
                 self.capturing.set()
+
+    def captures(self) -> bool:
+        """dumpcap said "Capturing on" at least CAPTURE_SETTLE_S ago."""
+        return self.capturing.is_set() and time.monotonic() - self._capturing_at >= CAPTURE_SETTLE_S
+
+    def wait_captures(self, timeout: float, alive: Callable[[], bool]) -> bool:
+        """Whether dumpcap captures within ``timeout`` seconds while ``alive()``."""
+        deadline = time.monotonic() + timeout
+        while alive() and time.monotonic() < deadline:
+            if self.capturing.wait(0.1):
+                time.sleep(max(0.0, self._capturing_at + CAPTURE_SETTLE_S - time.monotonic()))
+                return alive()
+        return self.captures()
 
     def join(self) -> str:
         self._thread.join(timeout=2)
@@ -391,17 +413,13 @@ class LiveCapture:
             self.rows.error = explain_dumpcap_error(self._dumpcap_err.join()) or self.rows.error
 
     def capturing(self) -> bool:
-        """dumpcap has opened its interfaces (it says so on stderr)."""
-        return self._dumpcap_err.capturing.is_set()
+        """dumpcap captures (it said so on stderr, CAPTURE_SETTLE_S ago)."""
+        return self._dumpcap_err.captures()
 
     def wait_capturing(self, timeout: float) -> bool:
-        """Whether dumpcap opened its interfaces within ``timeout`` seconds;
-        from then on no packet is lost to the agent's own start-up."""
-        deadline = time.monotonic() + timeout
-        while self.dumpcap.poll() is None and time.monotonic() < deadline:
-            if self._dumpcap_err.capturing.wait(0.1):
-                return True
-        return self.capturing()
+        """Whether dumpcap captures within ``timeout`` seconds; from then on no
+        packet is lost to the agent's own start-up."""
+        return self._dumpcap_err.wait_captures(timeout, lambda: self.dumpcap.poll() is None)
 
     def capture_counts(self) -> tuple[int, int] | None:
         """(received, dropped) from dumpcap's closing report, once it has exited."""

@@ -37,11 +37,6 @@ RING_PREFIX = "ring-"
 # dumpcap writes at most one packet past a file's size limit before it
 # rotates; a bound on the ring must allow for it.
 MAX_PACKET_BYTES = 65535 + 32
-# dumpcap says "Capturing on" a moment before its capture takes effect:
-# packets sent right after the line were missed in about half the tries on
-# loopback, none after 0.1 s (dumpcap 4.0.17). Waiting for capture means
-# this much more.
-CAPTURE_SETTLE_S = 0.5
 
 
 def ring_files(directory: Path) -> list[Path]:
@@ -129,14 +124,9 @@ class CaptureRing:
         return self.proc is not None and self.proc.poll() is None
 
     def wait_capturing(self, timeout: float) -> bool:
-        """Whether dumpcap captures (after CAPTURE_SETTLE_S), ``timeout`` seconds at most."""
+        """Whether dumpcap captures, ``timeout`` seconds at most."""
         tail = self._stderr
-        deadline = time.monotonic() + timeout
-        while tail is not None and self.alive() and time.monotonic() < deadline:
-            if tail.capturing.wait(0.1):
-                time.sleep(CAPTURE_SETTLE_S)
-                return self.alive()
-        return False
+        return tail is not None and tail.wait_captures(timeout, self.alive)
 
     def check(self) -> str | None:
         """dumpcap's reason if the ring died (it is restarted on the next ``follow``)."""
