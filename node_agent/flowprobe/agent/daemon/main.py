@@ -27,6 +27,7 @@ from flowprobe.agent.capture.tshark import CaptureError, Tools
 from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.daemon.capture import CaptureSwitcher
 from flowprobe.agent.daemon.report import HealthServer, LeaseReporter
+from flowprobe.agent.daemon.security import PolicySecurity
 from flowprobe.agent.enrich.index import ClusterIndex
 from flowprobe.agent.enrich.kubeapi import KubeApi, load_configuration
 from flowprobe.agent.enrich.policy import NO_CAPTURE, CaptureScope, PolicyEngine
@@ -152,6 +153,7 @@ class Daemon:
         self.stop_event = threading.Event()
         # Replaced, never mutated: the capture thread reads it without a lock.
         self.telemetry: dict[str, Telemetry] = {}
+        self.security = PolicySecurity()
         self.policy_set: CompiledPolicySet | None = None
         self.policy_error: str | None = None
         self._policy_text: str | None = None
@@ -176,10 +178,16 @@ class Daemon:
             self.stats.anomaly("enrichment_error", repr(exc))
             return
         telemetry = self.telemetry
-        for key in dict.fromkeys(_export_key(p) for p in policies):
-            sink = telemetry.get(key)
-            if sink is not None:
-                sink.submit(ex)
+        keys = dict.fromkeys(_export_key(p) for p in policies)
+
+        def export(ex: Exchange) -> None:
+            for key in keys:
+                sink = telemetry.get(key)
+                if sink is not None:
+                    sink.submit(ex)
+
+        # Through the first selecting policy's security stage, if any.
+        self.security.submit(ex, policies, export)
 
     # -- main loop --------------------------------------------------------
 
@@ -210,6 +218,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.switcher.stop()
+        self.security.close()
         for t in self.telemetry.values():
             t.close()
         self.telemetry = {}
@@ -263,6 +272,8 @@ class Daemon:
             self._active = ids
             self.engine.set_policies(active)
             self._sync_exports(active)
+            # A new capture when the payload the stages need changes.
+            self.switcher.base = self.security.sync(active, self.telemetry, _export_key)
             self._scope_generation = -1
         gen = self.index.generation
         if gen != self._scope_generation:
@@ -356,6 +367,7 @@ class Daemon:
             "packets": self.stats.packets,
             "index": self.index.sizes(),
             "reports": self.reporter.reports,
+            "security": self.security.totals(),
         }
 
 
