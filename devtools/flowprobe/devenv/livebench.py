@@ -179,6 +179,7 @@ def run_rate(
         "loss": 1 - seen / sent if sent else 0.0,
         "achieved_rps": sent / seconds,
         "agent_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "agent_cpu_s": cpu1 - cpu0,
         "capture_dropped": stats["capture_dropped"],
         # Passed on without WAF/DDR inspection (security stage queue full).
         "uninspected": sum(stats.get("security", {}).get(k, 0) for k in ("skipped", "dropped")),
