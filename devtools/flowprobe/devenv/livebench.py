@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -166,7 +167,13 @@ def run_rate(
     conns = 8 if rate >= 800 else 1
     r = client.run(h2load(server, rate, conns, seconds))
     cpu1, t1 = cpu_seconds(tree_pids(agent.pid)), time.monotonic()
+    # The agent is this process's child: its CPU (and its children's) is
+    # counted here once it has been waited for.
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     stop_agent(agent)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    stop_s = time.monotonic() - t1
+    cpu_total = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
     sent = succeeded(r.stdout)
     if sent is None:
         raise SystemExit(f"h2load failed: {r.stdout[-500:]} {r.stderr[-500:]}")
@@ -179,6 +186,10 @@ def run_rate(
         "loss": 1 - seen / sent if sent else 0.0,
         "achieved_rps": sent / seconds,
         "agent_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+        # The agent's whole life (start-up, the load, and what it still had
+        # to process after it: a lagging security stage drains its queue).
+        "agent_cpu_total_s": cpu_total,
+        "stop_s": stop_s,
         "capture_dropped": stats["capture_dropped"],
         # Passed on without WAF/DDR inspection (security stage queue full).
         "uninspected": sum(stats.get("security", {}).get(k, 0) for k in ("skipped", "dropped")),

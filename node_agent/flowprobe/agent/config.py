@@ -99,7 +99,7 @@ class WafConfig(_Model):
 
 
 class DdrConfig(_Model):
-    """Sensitive-data detection in headers, bodies, SQL text and Redis commands."""
+    """Sensitive-data detection in headers, bodies, SQL text and rows, Redis commands and replies."""
 
     enabled: bool = False
     # Empty: every category (flowprobe.agent.security.ddr.CATEGORIES).

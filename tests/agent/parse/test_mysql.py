@@ -12,8 +12,11 @@ from typing import Any
 
 import pytest
 
-from flowprobe.agent.parse.messages import L7Message
+from flowprobe.agent.config import DdrConfig, SecurityConfig
+from flowprobe.agent.parse.base import MAX_VALUES_CHARS
+from flowprobe.agent.parse.messages import PAYLOAD_REPLY_TEXT, L7Message
 from flowprobe.agent.parse.mysql import FIELDS, MysqlParser
+from flowprobe.agent.security.payload import strip
 from flowprobe.devenv.pcapgen import ACK, PSH
 from tests.agent import helpers
 from tests.agent.helpers import DATA, close, conn, handshake, read_pcap, run_pcap, write
@@ -75,6 +78,23 @@ def test_pymysql_queries_ok_err_ping_and_result_sets() -> None:
     assert join["flowprobe.response.packets"] >= 3
     assert join["flowprobe.response.bytes"] > 20_000
     assert records[0]["flowprobe.tcp.handshake.server_us"] > 0
+
+
+@pytest.mark.capture
+def test_result_rows_kept_for_inspection_only_with_sensitive_data_on() -> None:
+    pcap = MY / "queries.pcapng"
+    ddr = read_pcap(pcap, security=SecurityConfig(ddr=DdrConfig(enabled=True)))
+    rows = [r.get(PAYLOAD_REPLY_TEXT) for r in ddr]
+    for r in ddr:
+        strip(r)
+    # Nothing else changes: the rows ride in the statements' column.
+    assert ddr == read_pcap(pcap)
+    # SELECT id, name, price FROM items: 300 rows, text values comma-joined.
+    assert str(rows[4]).startswith("1,item-1,1.50,2,item-2,3.00,")
+    # 1200 rows over several segments, kept up to the cap.
+    assert "item-1" in str(rows[5]) and len(str(rows[5])) <= MAX_VALUES_CHARS + 8
+    assert rows[3] is None  # INSERT: no rows
+    assert rows[8] is None  # an error
 
 
 @pytest.mark.capture

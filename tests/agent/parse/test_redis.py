@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from flowprobe.agent.parse.messages import L7Message
+from flowprobe.agent.parse.messages import PAYLOAD_REPLY_VALUES, L7Message
 from flowprobe.agent.parse.redis import FIELDS, Outstanding, RedisParser, decode_value
 from flowprobe.devenv.pcapgen import ACK, PSH
 from tests.agent import helpers
@@ -368,6 +368,56 @@ def test_partial_array_reply_waits_for_the_packet_that_completes_it() -> None:
         p, state, resp__array__length="800", resp__bulk_string__length=",".join(["14"] * 800)
     )
     assert done.attrs["flowprobe.db.rows"] == 800  # the length column was capped, not the array
+
+
+def test_reply_values_go_to_their_reply_only_when_kept() -> None:
+    reply = PAYLOAD_REPLY_VALUES
+    off = _parser()
+    (m,) = _replies(
+        off,
+        _outstanding(off, 1),
+        resp__bulk_string__length="5",
+        resp__bulk_string__value=hx("hello"),
+    )
+    assert reply not in m.attrs
+    p = helpers.bound(RedisParser(keep_payload=True))
+    # $5 $-1 $0 $3 :1 in one packet.
+    replies = _replies(
+        p,
+        _outstanding(p, 5),
+        resp__bulk_string__length="5,-1,0,3",
+        resp__bulk_string__value=hx("hello", "abc"),
+        resp__integer="1",
+    )
+    # Which value is whose cannot be told with an integer among them: all go
+    # to the packet's last reply.
+    assert [m.attrs.get(reply) for m in replies] == [None] * 4 + [hx("hello", "abc")]
+    flat = _replies(
+        p,
+        _outstanding(p, 3),
+        resp__bulk_string__length="5,-1,3",
+        resp__bulk_string__value=hx("hello", "abc"),
+    )
+    assert [m.attrs.get(reply) for m in flat] == [hx("hello"), None, hx("abc")]
+    # A partial array's values wait for the packet that completes it.
+    state = _outstanding(p, 1)
+    first = _replies(
+        p,
+        state,
+        resp__array__length="3",
+        resp__bulk_string__length="1,1",
+        resp__bulk_string__value=hx("a", "b"),
+        resp__reassembled_in_next_frame="✓",
+    )
+    assert first == []
+    (done,) = _replies(
+        p,
+        state,
+        resp__array__length="3",
+        resp__bulk_string__length="1,1,1",
+        resp__bulk_string__value=hx("a", "b", "c"),
+    )
+    assert done.attrs[reply] == hx("a", "b") + "," + hx("a", "b", "c")
 
 
 def test_resp3_fragments_answer_every_outstanding_command() -> None:

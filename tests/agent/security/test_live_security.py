@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from flowprobe.devenv.netns import Node, Pod
-from flowprobe.devenv.servers import start_http, start_postgres
+from flowprobe.devenv.servers import start_http, start_mariadb, start_postgres, start_redis
 from tests.agent.helpers import stop_agent
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
@@ -82,6 +82,20 @@ def _agent(node: Node, out: Path, spans: Path, flags: Sequence[str]) -> subproce
 
 def _records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _captured(
+    node: Node, client: Pod, argv: Sequence[str], flags: Sequence[str], tmp_path: Path
+) -> tuple[Path, Path]:
+    """Records and spans of an agent (``flags``) that saw ``argv`` run in ``client``."""
+    out, spans = tmp_path / "x.jsonl", tmp_path / "spans.jsonl"
+    agent = _agent(node, out, spans, flags)
+    r = client.run([sys.executable, "-c", *argv])
+    assert r.returncode == 0, r.stderr
+    # The last packets reach the agent before it is told to drain.
+    time.sleep(3.0)
+    stop_agent(agent)
+    return out, spans
 
 
 def _events(rec: dict[str, Any], name: str) -> list[dict[str, Any]]:
@@ -207,14 +221,13 @@ def test_sensitive_records_detected_on_their_edges_masked_and_linked(
     ddr_pods: tuple[Node, Pod, Pod, Pod], tmp_path: Path
 ) -> None:
     node, frontend, api, pg = ddr_pods
-    out, spans = tmp_path / "x.jsonl", tmp_path / "spans.jsonl"
-    agent = _agent(node, out, spans, ["--ddr", "--waf"])
-    r = frontend.run(
-        [sys.executable, "-c", FRONTEND, api.ip, json.dumps(CUSTOMERS), json.dumps(LOOK_ALIKES)]
+    out, spans = _captured(
+        node,
+        frontend,
+        [FRONTEND, api.ip, json.dumps(CUSTOMERS), json.dumps(LOOK_ALIKES)],
+        ["--ddr", "--waf"],
+        tmp_path,
     )
-    assert r.returncode == 0, r.stderr
-    time.sleep(3.0)
-    stop_agent(agent)
     records = _records(out)
     every = {"card", "iban", "national_id", "email", "phone"}
 
@@ -284,3 +297,109 @@ def test_sensitive_records_detected_on_their_edges_masked_and_linked(
     assert {s["traceId"] for s in server_posts} == {s["traceId"] for s in customers_inserts}
     post_ids = {s["spanId"] for s in server_posts}
     assert {s["parentSpanId"] for s in customers_inserts} <= post_ids
+
+
+# The same kind of records stored in MariaDB and Redis and read back: the
+# values reach the wire only in result rows and replies (the SELECT's and
+# GET's text names none of them).
+STORED = [
+    {"email": "ada.lovelace@example.com", "card": "4111 1111 1111 1111", "iban": "DE89370400440532013000"},
+    {"email": "grace@example.org", "card": "5500005555555559", "iban": "GB82WEST12345698765432"},
+]  # fmt: skip
+STORED_SECRETS = [v for row in STORED for v in row.values()]
+
+DB_CLIENT = r"""
+import json, sys
+import pymysql, redis
+db_ip, redis_ip, rows, look = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+c = pymysql.connect(host=db_ip, user="app", password="pw", database="shop", autocommit=True)
+cur = c.cursor()
+cur.execute("CREATE TABLE customers (email VARCHAR(64), card VARCHAR(32), iban VARCHAR(40))")
+cur.execute("CREATE TABLE notes (ref VARCHAR(32), acct VARCHAR(40))")
+cur.executemany("INSERT INTO customers VALUES (%s, %s, %s)", [list(r.values()) for r in rows])
+cur.execute("INSERT INTO notes VALUES (%s, %s)", (look["ref"], look["acct"]))
+cur.execute("SELECT email, card, iban FROM customers ORDER BY email")
+assert len(cur.fetchall()) == len(rows)
+cur.execute("SELECT ref, acct FROM notes")
+assert len(cur.fetchall()) == 1
+c.close()
+# RESP2: RESP3's null and map replies are types tshark 4.0 does not know.
+r = redis.Redis(host=redis_ip, protocol=2, socket_timeout=5)
+for i, row in enumerate(rows):
+    r.hset(f"customer:{i}", mapping=row)
+    r.set(f"card:{i}", row["card"])
+    r.set(f"mail:{i}", row["email"])
+r.set("note", look["ref"])
+r.set("acct", look["acct"])
+r.hgetall("customer:0")
+r.get("card:1")
+# One segment, three replies: each value goes to its own GET.
+p = r.pipeline(transaction=False)
+p.get("mail:0"); p.get("missing"); p.get("card:0")
+p.execute()
+r.get("note")
+r.get("acct")
+"""
+
+
+@pytest.fixture
+def db_pods(tmp_path: Path) -> Iterator[tuple[Node, Pod, Pod, Pod]]:
+    with Node(subnet="10.254.16.0/24") as node:
+        app, db, cache = (node.add_pod(name) for name in ("app", "mariadb", "redis"))
+        start_mariadb(
+            db,
+            tmp_path / "db",
+            init_sql="CREATE DATABASE shop; CREATE USER 'app'@'%' IDENTIFIED BY 'pw'; "
+            "GRANT ALL ON shop.* TO 'app'@'%';",
+        )
+        start_redis(cache, tmp_path)
+        yield node, app, db, cache
+
+
+def test_sensitive_values_in_mysql_rows_and_redis_replies_detected_and_masked(
+    db_pods: tuple[Node, Pod, Pod, Pod], tmp_path: Path
+) -> None:
+    node, app, db, cache = db_pods
+    argv = [DB_CLIENT, db.ip, cache.ip, json.dumps(STORED), json.dumps(LOOK_ALIKES)]
+    out, spans = _captured(node, app, argv, ["--ddr"], tmp_path)
+    records = _records(out)
+    stored = {"card", "iban", "email"}
+
+    def on(server: Pod, query: str) -> list[dict[str, Any]]:
+        return [
+            rec
+            for rec in records
+            if rec["client.address"] == app.ip
+            and rec["server.address"] == server.ip
+            and rec.get("db.query.text") == query
+        ]
+
+    def categories(recs: list[dict[str, Any]]) -> list[set[str]]:
+        assert recs
+        return [set(rec.get("flowprobe.ddr.categories", ())) for rec in recs]
+
+    # MySQL text result rows.
+    assert categories(on(db, "SELECT email, card, iban FROM customers ORDER BY email")) == [stored]
+    assert categories(on(db, "SELECT ref, acct FROM notes")) == [set()]
+    first_db = {
+        e["flowprobe.ddr.category"]
+        for rec in records
+        if rec["server.address"] == db.ip
+        for e in _events(rec, "flowprobe.ddr.first_seen")
+    }
+    assert stored <= first_db
+
+    # Redis replies: an array, a bulk string, and three replies in one segment.
+    assert categories(on(cache, "HGETALL customer:0")) == [stored]
+    assert categories(on(cache, "GET card:1")) == [{"card"}]
+    assert categories(on(cache, "GET mail:0")) == [{"email"}]
+    assert categories(on(cache, "GET missing")) == [set()]
+    assert categories(on(cache, "GET card:0")) == [{"card"}]
+    # Look-alikes failing the checks (bad Luhn, bad IBAN checksum), read back.
+    assert categories(on(cache, "GET note")) == [set()]
+    assert categories(on(cache, "GET acct")) == [set()]
+
+    text = out.read_text() + spans.read_text()
+    assert "flowprobe.payload." not in text
+    for secret in STORED_SECRETS:
+        assert secret not in text, secret

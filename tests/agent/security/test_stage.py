@@ -235,20 +235,26 @@ def test_workload_attributes_name_both_ends_in_alerts(crs: ModSecurity) -> None:
 
 
 def test_security_off_leaves_the_tshark_columns_as_they_were() -> None:
-    payload = ("http.request.line", "http.response.line", "http.file_data", "pgsql.val.data")
+    http = ("http.request.line", "http.response.line", "http.file_data")
+    values = ("pgsql.val.data", "mysql.row.text")
+
+    def layout(config: AgentConfig) -> tuple[str, ...]:
+        return Pipeline(config, Sinks()).layout.fields
 
     def columns(config: AgentConfig) -> str:
         # A column may hold several fields ("a or b"): look at the text.
-        return " ".join(Pipeline(config, Sinks()).layout.fields)
+        return " ".join(layout(config))
 
     default = columns(AgentConfig())
     on = columns(AgentConfig(security=ON))
-    assert not [f for f in payload if f in default]
-    assert all(f in on for f in payload)
+    assert not [f for f in (*http, *values) if f in default]
+    assert all(f in on for f in (*http, *values))
     # Values only matter to the sensitive-data scan.
-    assert "pgsql.val.data" not in columns(
-        AgentConfig(security=SecurityConfig(waf=WafConfig(enabled=True)))
-    )
+    waf_only = AgentConfig(security=SecurityConfig(waf=WafConfig(enabled=True)))
+    assert not [f for f in values if f in columns(waf_only)]
+    # They ride in columns the layout has anyway: only HTTP's are new.
+    ddr_only = AgentConfig(security=SecurityConfig(ddr=DdrConfig(enabled=True)))
+    assert len(layout(ddr_only)) == len(layout(AgentConfig())) + len(http)
 
 
 def test_alerts_queue_is_bounded() -> None:

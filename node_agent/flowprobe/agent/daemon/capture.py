@@ -42,6 +42,7 @@ class _Generation:
         tls_sink: Callable[[Endpoints, int], None] | None,
     ) -> None:
         self.scope = scope
+        self.base = base
         self.lo_us = 0
         self.hi_us: int | None = None
         self.sink = sink
@@ -138,7 +139,8 @@ class CaptureSwitcher:
         return self.current.scope if self.current else None
 
     def switch(self, scope: CaptureScope) -> None:
-        if self.current is not None and self.current.scope == scope:
+        cur = self.current
+        if cur is not None and cur.scope == scope and cur.base == self.base:
             return
         if self._failed == scope and time.monotonic() < self._retry_at:
             return  # the same capture failed moments ago: do not respawn on every pod event

@@ -28,6 +28,7 @@ from flowprobe.agent.capture.tshark import CaptureError, Tools
 from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.daemon.capture import CaptureSwitcher
 from flowprobe.agent.daemon.report import HealthServer, LeaseReporter, TlsSightings
+from flowprobe.agent.daemon.security import PolicySecurity
 from flowprobe.agent.enrich.index import ClusterIndex
 from flowprobe.agent.enrich.kubeapi import KubeApi, load_configuration
 from flowprobe.agent.enrich.policy import NO_CAPTURE, CaptureScope, PolicyEngine
@@ -170,6 +171,7 @@ class Daemon:
         # Replaced, never mutated: the capture thread reads it without a lock.
         self.telemetry: dict[str, Telemetry] = {}
         self.analyzers = PolicyAnalyzers()
+        self.security = PolicySecurity()
         self.policy_set: CompiledPolicySet | None = None
         self.policy_error: str | None = None
         self._policy_text: str | None = None
@@ -195,12 +197,19 @@ class Daemon:
             # A bug on one exchange must not end the capture thread.
             self.stats.anomaly("enrichment_error", repr(exc))
             return
-        self.isolation.submit(ex, policies)
         telemetry = self.telemetry
-        for key in dict.fromkeys(_export_key(p) for p in policies):
-            sink = telemetry.get(key)
-            if sink is not None:
-                sink.submit(ex)
+        keys = dict.fromkeys(_export_key(p) for p in policies)
+
+        def export(ex: Exchange) -> None:
+            # After inspection: BlockOnWafMatch rules act on the WAF's findings.
+            self.isolation.submit(ex, policies)
+            for key in keys:
+                sink = telemetry.get(key)
+                if sink is not None:
+                    sink.submit(ex)
+
+        # Through the first selecting policy's security stage, if any.
+        self.security.submit(ex, policies, export)
 
     def on_tls(self, endpoints: Endpoints, ts_us: int) -> None:
         try:
@@ -242,6 +251,7 @@ class Daemon:
         self.switcher.stop()
         self.isolation.close()
         self.forensics.close()
+        self.security.close()
         for t in self.telemetry.values():
             t.close()
         self.telemetry = {}
@@ -298,6 +308,8 @@ class Daemon:
             self._sync_exports(active)
             self.analyzers.sync(active, self.telemetry, _export_key)
             self.isolation.sync(active, lambda p: self.telemetry.get(_export_key(p)))
+            # A new capture when the payload the stages need changes.
+            self.switcher.base = self.security.sync(active, self.telemetry, _export_key)
             self._scope_generation = -1
         gen = self.index.generation
         if gen != self._scope_generation:
@@ -406,6 +418,7 @@ class Daemon:
             "reports": self.reporter.reports,
             "isolation": self.isolation.engine.totals(),
             "forensics": self.forensics.totals(),
+            "security": self.security.totals(),
         }
 
 

@@ -71,3 +71,15 @@ def occurrences(value: str, margin: int = 0) -> list[str]:
     if items and column_cut(value, margin):
         items.pop()
     return items
+
+
+# Characters of values (result rows, replies, bound parameters) kept per
+# request or response for in-agent inspection, whatever its size.
+MAX_VALUES_CHARS = 8192
+
+
+def keep_values(kept: list[str], column: str) -> None:
+    """Add a segment's values to ``kept`` up to MAX_VALUES_CHARS in all."""
+    room = MAX_VALUES_CHARS - sum(len(v) for v in kept)
+    if room > 0:
+        kept.append(column[:room])

@@ -17,10 +17,14 @@ PAYLOAD_RESPONSE_HEADERS = PAYLOAD_PREFIX + "response.headers"
 PAYLOAD_RESPONSE_BODY = PAYLOAD_PREFIX + "response.body"
 # Statement text before sanitising (SQL) or with its arguments (Redis).
 PAYLOAD_QUERY = PAYLOAD_PREFIX + "query"
-# Parameter values a client bound to a statement, and the values of the rows
-# a server returned (PostgreSQL: tshark's hex of each value, comma-joined).
+# Parameter values a client bound to a statement, and the values a server
+# returned (PostgreSQL rows, Redis bulk replies: tshark's hex of each value,
+# comma-joined, Redis's cut after 36 bytes with "…").
 PAYLOAD_QUERY_VALUES = PAYLOAD_PREFIX + "query.values"
 PAYLOAD_REPLY_VALUES = PAYLOAD_PREFIX + "reply.values"
+# Values a server returned as text (MySQL result rows: tshark's escaped text
+# of each value, comma-joined).
+PAYLOAD_REPLY_TEXT = PAYLOAD_PREFIX + "reply.text"
 
 
 @dataclass(slots=True)

@@ -24,6 +24,11 @@ read:
   counts of rare markers (result set headers, EOF markers, status flags,
   errors) and the last status flag, which survive the cut; rows are counted
   from packet sequence numbers, across cuts by their gaps.
+
+With ``keep_payload`` (sensitive-data detection on), the statement text before
+sanitising and the text result rows (``mysql.row.text``) also go on the
+messages under ``flowprobe.payload.*``, for the security stage only
+(docs/security.md).
 """
 
 from __future__ import annotations
@@ -33,8 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.parse.base import column_cut, occurrences, split_occurrences
-from flowprobe.agent.parse.messages import AttrValue, L7Message
+from flowprobe.agent.parse.base import column_cut, keep_values, occurrences, split_occurrences
+from flowprobe.agent.parse.messages import PAYLOAD_REPLY_TEXT, AttrValue, L7Message
 from flowprobe.agent.parse.postgres import exactly, split_texts, statement_attrs
 
 FIELDS = (
@@ -55,6 +60,12 @@ FIELDS = (
     "mysql.eof",
     "mysql.stat.mr",
 )
+
+# Text result rows, read only for in-agent inspection. Statements go from
+# client to server and rows the other way, so both never share a segment and
+# rows ride in the statement's column: one field more per packet for tshark,
+# no column more.
+QUERY_OR_ROWS = "mysql.query or mysql.row.text"
 
 NAME = "mysql"
 MAX_STATEMENTS = 256
@@ -133,6 +144,7 @@ class _Response:
     error_code: str | None = None
     # COM_STMT_PREPARE: packets the whole answer takes, once known.
     expected: int | None = None
+    values: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -164,6 +176,8 @@ class MysqlParser:
     def __init__(self, raw_query_text: bool = False, keep_payload: bool = False) -> None:
         self.raw_query_text = raw_query_text
         self.keep_payload = keep_payload
+        if keep_payload:
+            self.fields = tuple(QUERY_OR_ROWS if f == "mysql.query" else f for f in FIELDS)
         self._idx: dict[str, int] = {}
 
     def bind(self, layout: ColumnLayout) -> None:
@@ -306,6 +320,9 @@ class MysqlParser:
         eofs = len(split_occurrences(col(cols, "mysql.eof")))
         self._count_packets(resp, col(cols, "mysql.packet_number"))
         resp.started = True
+        if self.keep_payload and col(cols, "mysql.query"):
+            # The column holds the rows here (QUERY_OR_ROWS).
+            keep_values(resp.values, col(cols, "mysql.query"))
         if errors and resp.error_code is None:
             resp.error_code = errors[0]
         resp.errors += len(errors)
@@ -385,4 +402,6 @@ class MysqlParser:
             attrs["flowprobe.db.rows"] = max(0, resp.packets - resp.eofs)
         if conn.namespace:
             attrs["db.namespace"] = conn.namespace
+        if resp.values:
+            attrs[PAYLOAD_REPLY_TEXT] = ",".join(resp.values)
         return L7Message(NAME, False, attrs, error_type=resp.error_code)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.parse.base import column_cut, occurrences, split_occurrences
+from flowprobe.agent.parse.base import column_cut, keep_values, occurrences, split_occurrences
 from flowprobe.agent.parse.messages import (
     PAYLOAD_QUERY,
     PAYLOAD_QUERY_VALUES,
@@ -58,8 +58,6 @@ FIELDS = (
 NAME = "postgresql"
 # Bind parameters and DataRow values, read only for in-agent inspection.
 VALUES_FIELD = "pgsql.val.data"
-# Characters of values kept per request or response, whatever its size.
-MAX_VALUES_CHARS = 8192
 
 # Per-connection memory is bounded whatever the client does.
 MAX_STATEMENTS = 256
@@ -377,7 +375,7 @@ class PostgresParser:
         if self._values >= 0 and cols[self._values]:
             # The segment's values go to the request or response it ends (or
             # continues); the column does not say which message each is from.
-            _keep_values(
+            keep_values(
                 conn.batch.values if to_server else conn.response.values, cols[self._values]
             )
         if to_server:
@@ -661,12 +659,6 @@ def _parse_fit(size: int, name_sizes: set[int]) -> Callable[[int, int], bool]:
         return False
 
     return fit
-
-
-def _keep_values(kept: list[str], column: str) -> None:
-    room = MAX_VALUES_CHARS - sum(len(v) for v in kept)
-    if room > 0:
-        kept.append(column[:room])
 
 
 def _control() -> L7Message:

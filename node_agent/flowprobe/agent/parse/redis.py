@@ -43,6 +43,10 @@ argument; raw arguments only with ``raw_query_text``, and never for AUTH/HELLO/
 ACL/MIGRATE), ``db.response.status_code`` and ``error.type`` (the error's
 first word, e.g. ``WRONGTYPE``), ``flowprobe.redis.reply.type`` and
 ``flowprobe.db.rows`` (array length) when the packet held exactly one reply.
+
+With ``keep_payload`` (sensitive-data detection on), the arguments and the
+bulk-string reply values (hex, 36 bytes each at most) also go on the messages
+under ``flowprobe.payload.*``, for the security stage only (docs/security.md).
 """
 
 from __future__ import annotations
@@ -52,8 +56,18 @@ from collections import deque
 from collections.abc import Sequence
 
 from flowprobe.agent.capture.columns import ColumnLayout
-from flowprobe.agent.parse.base import column_cut, int_occurrences, split_occurrences
-from flowprobe.agent.parse.messages import PAYLOAD_QUERY, AttrValue, L7Message
+from flowprobe.agent.parse.base import (
+    column_cut,
+    int_occurrences,
+    keep_values,
+    split_occurrences,
+)
+from flowprobe.agent.parse.messages import (
+    PAYLOAD_QUERY,
+    PAYLOAD_REPLY_VALUES,
+    AttrValue,
+    L7Message,
+)
 
 FIELDS = (
     "resp.array.length",
@@ -147,11 +161,14 @@ def error_code(message: str) -> str:
 class Outstanding:
     """Per connection: replies still expected, per command in order."""
 
-    __slots__ = ("commands", "replies")
+    __slots__ = ("commands", "replies", "values")
 
     def __init__(self) -> None:
         self.commands: deque[int] = deque()
         self.replies = 0
+        # Reply values (hex) seen in packets that completed no reply yet,
+        # kept for inspection until the reply they belong to ends.
+        self.values: list[str] = []
 
     def push(self, replies: int) -> None:
         if len(self.commands) >= MAX_OUTSTANDING:
@@ -294,7 +311,7 @@ class RedisParser:
     # -- server to client -------------------------------------------------
 
     def _replies(self, cols: Sequence[str], conn: Outstanding) -> list[L7Message]:
-        i_arr, i_blen, _i_bval, i_str, i_err, i_int, i_frag, i_partial = self._idx
+        i_arr, i_blen, i_bval, i_str, i_err, i_int, i_frag, i_partial = self._idx
         outstanding = conn.replies
         arr_col, blen_col, str_col, err_col, int_col = (
             cols[i_arr],
@@ -361,6 +378,9 @@ class RedisParser:
                     a["flowprobe.redis.batch.errors"] = len(errors)
                     a["flowprobe.redis.batch.error_codes"] = codes
 
+        if self.keep_payload and cols[i_bval]:
+            _attach_values(conn, attrs_each, blen_col, cols[i_bval], exact and not arrays)
+
         out: list[L7Message] = []
         for attrs, err in zip(attrs_each, errs, strict=True):
             # Replies beyond the commands seen (capture started mid-connection,
@@ -371,3 +391,34 @@ class RedisParser:
                 attrs["db.response.status_code"] = err
             out.append(L7Message("redis", False, attrs, error_type=err))
         return out
+
+
+def _attach_values(
+    conn: Outstanding,
+    replies: list[dict[str, AttrValue]],
+    lens_col: str,
+    values_col: str,
+    flat: bool,
+) -> None:
+    """Put the packet's bulk values (hex) on the replies they belong to, for inspection.
+
+    ``flat``: every reply of the packet is one element (no arrays, nothing
+    cut), so only bulk replies have a length, in order, and the n-th non-empty
+    one has the n-th value; with as many lengths as replies, all are bulk.
+    Otherwise the column does not say which value is
+    whose: they all go to the last reply of the packet, or wait in ``conn``
+    for the reply a later packet completes.
+    """
+    lens = split_occurrences(lens_col)
+    values = split_occurrences(values_col)
+    if flat and not conn.values and len(lens) == len(replies):
+        v = 0
+        for attrs, n in zip(replies, lens, strict=True):
+            if n not in ("0", "-1") and v < len(values):
+                attrs[PAYLOAD_REPLY_VALUES] = values[v]
+                v += 1
+        return
+    keep_values(conn.values, values_col)
+    if replies:
+        replies[-1][PAYLOAD_REPLY_VALUES] = ",".join(conn.values)
+        conn.values = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 import re
 from collections.abc import Callable
@@ -234,7 +235,10 @@ class Scanner:
 
     def scan(self, text: str) -> list[Finding]:
         found: list[Finding] = []
-        taken: list[tuple[int, int]] = []
+        # Spans already claimed, disjoint, so sorted by start and by end alike:
+        # an overlap test is a bisection (rows of many findings stay linear).
+        starts: list[int] = []
+        ends: list[int] = []
         lower = text.lower()
         digits = "0000" in text.translate(_ZERO_DIGITS)
         for d in self.detectors:
@@ -242,14 +246,18 @@ class Scanner:
                 continue
             for m in d.pattern.finditer(text):
                 start, end = m.span()
-                if any(start < e and s < end for s, e in taken):
+                at = bisect.bisect_right(ends, start)
+                if at < len(starts) and starts[at] < end:
                     continue
                 if d.valid is not None and not d.valid(m):
                     continue
                 if d.category == EMAIL:
                     local = _EMAIL_LOCAL.search(text, max(0, start - 64), start)
-                    start = local.start() if local else start
-                taken.append((start, end))
+                    # Not back into a span claimed before (it stays disjoint).
+                    if local and (at == 0 or ends[at - 1] <= local.start()):
+                        start = local.start()
+                starts.insert(at, start)
+                ends.insert(at, end)
                 found.append(Finding(d.category, start, end, d.mask(m)))
         found.sort(key=lambda f: f.start)
         return found

@@ -17,6 +17,7 @@ from flowprobe.agent.parse.messages import (
     PAYLOAD_PREFIX,
     PAYLOAD_QUERY,
     PAYLOAD_QUERY_VALUES,
+    PAYLOAD_REPLY_TEXT,
     PAYLOAD_REPLY_VALUES,
     PAYLOAD_REQUEST_BODY,
     PAYLOAD_REQUEST_HEADERS,
@@ -57,10 +58,12 @@ def header_lines(column: str) -> list[tuple[str, str]]:
 def hex_values(column: str) -> str:
     """tshark's comma-joined hex of each value (``616263,31``) as text, one value a line.
 
-    A value cut at a column or size limit loses its odd last digit.
+    A value cut at a column or size limit loses its odd last digit, and the
+    "…" tshark puts after the first 36 bytes of some byte fields.
     """
     out = []
     for item in column.split(","):
+        item = item.removesuffix("…")
         try:
             out.append(bytes.fromhex(item[: len(item) - len(item) % 2]).decode("utf-8", "replace"))
         except ValueError:
@@ -108,5 +111,9 @@ def take(attrs: dict[str, AttrValue], body_max: int) -> Payload:
         response_body=unescape(pop(PAYLOAD_RESPONSE_BODY))[:body_max],
         query=pop(PAYLOAD_QUERY),
         query_values=hex_values(pop(PAYLOAD_QUERY_VALUES)),
-        reply_values=hex_values(pop(PAYLOAD_REPLY_VALUES)),
+        reply_values="\n".join(
+            t
+            for t in (hex_values(pop(PAYLOAD_REPLY_VALUES)), unescape(pop(PAYLOAD_REPLY_TEXT)))
+            if t
+        ),
     )

@@ -113,7 +113,7 @@ class SecurityStage:
         self.counts: Counter[str] = Counter()
         self._reported: Counter[str] = Counter()
         self._seen: set[tuple[str, str, str]] = set()
-        self._queue: deque[tuple[Exchange, bool]] = deque()
+        self._queue: deque[tuple[Exchange, bool, Callable[[Exchange], None]]] = deque()
         self._hard_cap = 4 * config.queue_size
         self._closing = threading.Event()
         self._abort = threading.Event()
@@ -122,14 +122,16 @@ class SecurityStage:
 
     # -- capture thread ---------------------------------------------------
 
-    def submit(self, ex: Exchange) -> None:
+    def submit(self, ex: Exchange, then: Callable[[Exchange], None] | None = None) -> None:
+        """Queue ``ex`` for inspection; ``then`` (default: ``downstream``) gets it afterwards."""
         queued = len(self._queue)
+        then = then or self.downstream
         if queued < self.config.queue_size:
-            self._queue.append((ex, True))
+            self._queue.append((ex, True, then))
         elif queued < self._hard_cap:
             strip(ex.attrs)
             self.overflow["skipped"] += 1
-            self._queue.append((ex, False))
+            self._queue.append((ex, False, then))
         else:
             self.overflow["dropped"] += 1
 
@@ -167,14 +169,14 @@ class SecurityStage:
         next_report = time.monotonic() + _REPORT_S
         while True:
             if queue:
-                ex, inspect = queue.popleft()
+                ex, inspect, then = queue.popleft()
                 if inspect and self._abort.is_set():
                     strip(ex.attrs)
                     self.counts["skipped"] += 1
                 elif inspect:
                     self._inspect_safely(ex)
                 try:
-                    self.downstream(ex)
+                    then(ex)
                 except Exception:
                     self._fail_once("handing an exchange on failed")
                 # A busy stage still reports its counts now and then.
