@@ -81,7 +81,8 @@ def release(crds: LocalCluster) -> Iterator[Release]:
         "--set=agent.defaultExport.endpoint=http://collector.observability:4317",
         "--set=operator.resyncSeconds=5",
         "--set=operator.agentReportGraceSeconds=5",
-        f"--set=operator.nodeSelector.flowprobe-test={env_id}",
+        # --set-string: an id of six digits (uuid hex can be) would become a number.
+        f"--set-string=operator.nodeSelector.flowprobe-test={env_id}",
         timeout=240,
     )
     try:
