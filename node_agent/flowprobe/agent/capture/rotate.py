@@ -38,8 +38,9 @@ from flowprobe.agent.capture.tshark import LiveCapture
 log = logging.getLogger("flowprobe.agent.capture")
 
 DEFAULT_TSHARK_RSS_LIMIT = 250 * 1024 * 1024
-# tshark delivering no row for this long has no backlog left to deliver.
-IDLE_S = 0.5
+# tshark delivering no row for this long has no backlog left to deliver
+# (long enough that a busy machine descheduling tshark is not taken for it).
+IDLE_S = 1.0
 # The longest an old capture may take to catch up with the end of the overlap.
 HANDOVER_MAX_S = 30.0
 # On SIGINT/SIGTERM, how long tshark may take to read what was captured
@@ -169,6 +170,15 @@ class RotatingCapture:
             yield cols
 
     def _begin(self) -> LiveCapture | None:
+        # No row is read while the new capture starts: that is not tshark
+        # idling, and a stop() meanwhile must still wait for the rows.
+        self._last_row_at = _WAITING
+        try:
+            return self._start_next()
+        finally:
+            self._last_row_at = time.monotonic()
+
+    def _start_next(self) -> LiveCapture | None:
         try:
             nxt = self._start(False)
         except Exception as exc:  # a failed rotation must not end a working capture
@@ -188,8 +198,6 @@ class RotatingCapture:
         # delivered.
         end_us = int(time.time() * 1_000_000)
         old = self.current
-        # No row was read while the new capture started: that was not tshark idling.
-        self._last_row_at = time.monotonic()
 
         def end_old() -> None:
             if not self.wait_caught_up(end_us, HANDOVER_MAX_S):
