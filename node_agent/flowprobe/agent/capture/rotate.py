@@ -53,6 +53,7 @@ _NOTE_EVERY_ROWS = 100
 # up takes it a second or more, which is not idling.
 _WAITING = float("inf")
 _CHECK_EVERY_ROWS = 500
+_REORDER_US = 1000
 
 
 def _rss_bytes(pid: int) -> int:
@@ -214,11 +215,24 @@ class RotatingCapture:
 
     @staticmethod
     def _after(rows: Iterator[list[str]], delivered_us: int) -> Iterator[list[str]]:
+        """The new capture's rows past the last one the old capture delivered.
+
+        Checked only until a row is ``_REORDER_US`` past it (``-i any``
+        interleaves CPUs' packets by µs, not more): every later packet's
+        timestamp would otherwise be parsed twice for the capture's life.
+        """
         for cols in rows:
-            with contextlib.suppress(ValueError, IndexError):
-                if parse_ts_us(cols[c.TS]) <= delivered_us:
-                    continue  # the old capture delivered it
+            try:
+                ts = parse_ts_us(cols[c.TS])
+            except (ValueError, IndexError):
+                yield cols
+                continue
+            if ts <= delivered_us:
+                continue  # the old capture delivered it
             yield cols
+            if ts > delivered_us + _REORDER_US:
+                break
+        yield from rows
 
     def _retire(self, live: LiveCapture) -> None:
         live.stop()
