@@ -170,7 +170,7 @@ class Daemon:
         self.isolation = DaemonIsolation(self.index, api.base)
         # Replaced, never mutated: the capture thread reads it without a lock.
         self.telemetry: dict[str, Telemetry] = {}
-        self.analyzers = PolicyAnalyzers()
+        self.analyzers = PolicyAnalyzers(self.forensics.freeze_anomaly)
         self.security = PolicySecurity()
         self.policy_set: CompiledPolicySet | None = None
         self.policy_error: str | None = None
