@@ -185,3 +185,30 @@ def loadgen(pod: Pod, target: str, seconds: int, rate: int, paths: str, connecti
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
+
+
+def check_stream_id(pcap: Path, stream_id: str) -> None:
+    """The stream id is the connection's Community ID, as Wireshark computes it: every
+    packet of the pcap has it."""
+    hits = subprocess.run(
+        [
+            "tshark",
+            "-r",
+            str(pcap),
+            "-n",
+            "--enable-protocol",
+            "communityid",
+            "-Y",
+            f'communityid == "{stream_id}"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert hits and len(hits) == len(_frames(pcap))
+
+
+def _frames(pcap: Path) -> list[str]:
+    return subprocess.run(
+        ["tshark", "-r", str(pcap), "-n"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()

@@ -10,7 +10,6 @@ each selected by its own policy.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import pytest
 from kubernetes import client as k8s_client
 
 from flowprobe.agent.capture.tshark import Tools
-from flowprobe.agent.daemon.main import Daemon, Settings
+from flowprobe.agent.daemon.main import Daemon
 from flowprobe.agent.enrich.index import NAMESPACES, PODS
 from flowprobe.agent.enrich.kubeapi import KubeApi
 from flowprobe.agent.enrich.watch import now_us
@@ -29,6 +28,7 @@ from flowprobe.api.policyset import CompiledPolicySet
 from flowprobe.devenv.k8sobjects import namespace, pod, policy
 from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.servers import start_http
+from tests.agent.daemon.helpers import daemon_settings, netns_tools, stop_daemon
 from tests.agent.export.fakes import FakeHttpReceiver, sdk_spans
 from tests.operator.clusterkit import wait_until
 
@@ -44,11 +44,7 @@ def pods(tmp_path: Path) -> Iterator[tuple[Node, Pod, Pod, Pod, Tools]]:
         client, guarded, open_ = (node.add_pod(n) for n in ("client", "guarded", "open"))
         for server in (guarded, open_):
             start_http(server, PORT)
-        tools = Tools.find()
-        wrapper = tmp_path / "dumpcap"
-        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {node.netns} {tools.dumpcap} "$@"\n')
-        wrapper.chmod(0o755)
-        yield node, client, guarded, open_, dataclasses.replace(tools, dumpcap=str(wrapper))
+        yield node, client, guarded, open_, netns_tools(node, tmp_path)
 
 
 def _policies(path: Path, endpoint: str, secured: str, generation: int) -> None:
@@ -106,17 +102,7 @@ def test_waf_findings_only_for_the_policy_that_turns_it_on_and_following_changes
 ) -> None:
     _node, client, guarded, open_ = pods[:4]
     receiver = FakeHttpReceiver()
-    settings = Settings(
-        node="node-a",
-        namespace="flowprobe",
-        pod="agent",
-        policy_file=tmp_path / "policies.json",
-        health_address="127.0.0.1",
-        health_port=0,
-        report_interval_s=15,
-        interfaces=("any",),
-        kubeconfig=None,
-    )
+    settings = daemon_settings(tmp_path)
     daemon = Daemon(settings, pods[4], KubeApi(k8s_client.Configuration()))
     daemon.forensics = NodeForensics(pods[4], str(tmp_path / "forensics"), str(tmp_path / "t"))
     t = now_us() - 10_000_000
@@ -160,10 +146,5 @@ def test_waf_findings_only_for_the_policy_that_turns_it_on_and_following_changes
         text = str(receiver.received.traces)
         assert "flowprobe.payload." not in text
     finally:
-        daemon.switcher.stop()
-        daemon.forensics.close()
-        daemon.security.close()
-        for telemetry in daemon.telemetry.values():
-            telemetry.close()
-        daemon.health.server.server_close()  # never started
+        stop_daemon(daemon)
         receiver.stop()

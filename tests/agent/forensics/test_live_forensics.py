@@ -17,7 +17,7 @@ from flowprobe.agent.forensics.ring import MAX_PACKET_BYTES, ring_files
 from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.nsproxy import Forwarder
 from tests.agent.export.fakes import FakeGrpcReceiver, attrs
-from tests.agent.helpers import loadgen, stop_agent
+from tests.agent.helpers import check_stream_id, loadgen, stop_agent
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns]
 
@@ -142,35 +142,8 @@ def _check_frozen(
     assert (str(client_port), "8080", "GET", uri, "") in http
     assert ("8080", str(client_port), "", "", status) in http
     assert (str(client_port), "8080", "GET", "/items/1", "") in http
-    _check_stream_id(pcap, rec["flowprobe.pcap.stream_id"])
+    check_stream_id(pcap, rec["flowprobe.pcap.stream_id"])
     return rec
-
-
-def _check_stream_id(pcap: Path, stream_id: str) -> None:
-    """The stream id is the connection's Community ID, as Wireshark computes it: every
-    packet of the pcap has it."""
-    hits = subprocess.run(
-        [
-            "tshark",
-            "-r",
-            str(pcap),
-            "-n",
-            "--enable-protocol",
-            "communityid",
-            "-Y",
-            f'communityid == "{stream_id}"',
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    assert hits and len(hits) == len(_ports_in_frames(pcap))
-
-
-def _ports_in_frames(pcap: Path) -> list[str]:
-    return subprocess.run(
-        ["tshark", "-r", str(pcap), "-n"], capture_output=True, text=True, check=True
-    ).stdout.splitlines()
 
 
 def _pcap_cli(node: Node, token_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -349,7 +322,7 @@ def test_an_anomaly_alert_freezes_the_connection_of_the_exchange_that_raised_it(
     assert pcap in _frozen(tmp_path)
     assert _ports_in(pcap) == {(str(client_port), "8080"), ("8080", str(client_port))}
     assert (str(client_port), "8080", "GET", uri, "") in _http_in(pcap)
-    _check_stream_id(pcap, alert["flowprobe.pcap.stream_id"])
+    check_stream_id(pcap, alert["flowprobe.pcap.stream_id"])
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["anomalies"]["alerts"] == len(alerts)
     assert stats["forensics"]["frozen"] >= 1 and stats["forensics"].get("failed", 0) == 0
