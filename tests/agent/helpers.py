@@ -4,6 +4,7 @@ subprocess, parsers on hand-made columns and synthetic pcaps."""
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from flowprobe.agent.parse.base import Parser
 from flowprobe.agent.parse.messages import L7Message
 from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.stats import Stats
+from flowprobe.devenv.netns import Pod
 from flowprobe.devenv.pcapgen import ACK, FIN, PSH, SYN, Conn, write_frames
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -166,3 +168,47 @@ def one_exchange(c: Conn, request: bytes, response: bytes) -> list[bytes]:
 # A minimal HTTP exchange for synthetic pcaps.
 REQ = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
 RESP = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+def loadgen(pod: Pod, target: str, seconds: int, rate: int, paths: str, connections: int) -> Any:
+    """``flowprobe.devenv.loadgen`` from ``pod`` to ``target``:8080 at ``rate`` a second
+    for ``seconds``; its JSON summary."""
+    r = pod.run(
+        [
+            sys.executable, "-m", "flowprobe.devenv.loadgen",
+            "--target", target,
+            "--requests", str(rate * seconds),
+            "--rate", str(rate),
+            "--connections", str(connections),
+            "--paths", paths,
+        ]
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def check_stream_id(pcap: Path, stream_id: str) -> None:
+    """The stream id is the connection's Community ID, as Wireshark computes it: every
+    packet of the pcap has it."""
+    hits = subprocess.run(
+        [
+            "tshark",
+            "-r",
+            str(pcap),
+            "-n",
+            "--enable-protocol",
+            "communityid",
+            "-Y",
+            f'communityid == "{stream_id}"',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert hits and len(hits) == len(_frames(pcap))
+
+
+def _frames(pcap: Path) -> list[str]:
+    return subprocess.run(
+        ["tshark", "-r", str(pcap), "-n"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()

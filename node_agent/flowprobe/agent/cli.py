@@ -380,6 +380,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return EXIT_BAD_INPUT
         # First: the pcap's name must be on the exchange before any sink reads it.
         sinks.exchange.insert(0, forensics.observe)
+        if analyzer is not None:
+            analyzer.freeze = forensics.freeze_anomaly
     stage = None
     if config.security.enabled:
         # Every sink gets the exchanges after inspection, from the stage's thread.

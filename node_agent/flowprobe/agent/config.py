@@ -171,8 +171,9 @@ class IsolationConfig(_Model):
 
 
 # What freezes a pcap: an exchange outcome (error covers HTTP 5xx, gRPC and
-# SQL errors, Redis errors, DNS rcodes) or a security finding on it.
-ForensicsTrigger = Literal["error", "reset", "timeout", "alert"]
+# SQL errors, Redis errors, DNS rcodes), a security finding on it, or an
+# anomaly alert on its edge.
+ForensicsTrigger = Literal["error", "reset", "timeout", "alert", "anomaly"]
 
 
 class ForensicsConfig(_Model):
@@ -196,7 +197,7 @@ class ForensicsConfig(_Model):
     max_frozen_files: int = Field(default=100, ge=1, le=10000)
     # More triggers than this per minute are counted, not frozen.
     max_per_minute: int = Field(default=6, ge=1, le=600)
-    triggers: tuple[ForensicsTrigger, ...] = ("error", "reset", "timeout", "alert")
+    triggers: tuple[ForensicsTrigger, ...] = ("error", "reset", "timeout", "alert", "anomaly")
     # Bearer token callers of the pcap endpoint must present; unset or empty:
     # every request is refused.
     token_file: str | None = None

@@ -112,6 +112,7 @@ class ForensicsTrigger(StrEnum):
     CONNECTION_RESET = "ConnectionReset"
     TIMEOUT = "Timeout"
     SECURITY_ALERT = "SecurityAlert"
+    ANOMALY_ALERT = "AnomalyAlert"
 
 
 class OtlpProtocol(StrEnum):

@@ -13,7 +13,6 @@ raises nothing.
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.nsproxy import Forwarder
 from flowprobe.devenv.servers import start_http
 from tests.agent.export.fakes import FakeGrpcReceiver, attrs
-from tests.agent.helpers import stop_agent
+from tests.agent.helpers import loadgen, stop_agent
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns, pytest.mark.slow]
 
@@ -46,19 +45,8 @@ FLAGS = [
 
 
 def _load(pod: Pod, target: str, seconds: int, paths: str, out: list[dict[str, Any]]) -> None:
-    r = pod.run(
-        [
-            sys.executable, "-m", "flowprobe.devenv.loadgen",
-            "--target", target,
-            "--requests", str(RATE * seconds),
-            "--rate", str(RATE),
-            # Enough connections that 300 ms answers do not slow the rate down.
-            "--connections", "12",
-            "--paths", paths,
-        ]
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    out.append(json.loads(r.stdout))
+    # Enough connections that 300 ms answers do not slow the rate down.
+    out.append(loadgen(pod, target, seconds, RATE, paths, connections=12))
 
 
 def _brief(alerts: list[dict[str, Any]], shift_us: int) -> list[tuple[Any, ...]]:

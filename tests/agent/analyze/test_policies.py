@@ -5,8 +5,11 @@ from __future__ import annotations
 import time
 
 from flowprobe.agent.analyze.policies import PolicyAnalyzers
+from flowprobe.agent.analyze.stage import Analyzer
 from flowprobe.agent.config import ExportConfig
 from flowprobe.agent.export.telemetry import Telemetry
+from flowprobe.agent.parse.messages import AttrValue
+from flowprobe.agent.sessionize.records import Endpoints
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.api.policyset import CompiledPolicy
 from flowprobe.devenv.k8sobjects import policy
@@ -71,3 +74,25 @@ def test_an_attached_analyzer_ranks_what_its_sink_exports() -> None:
     points = exporter.points("flowprobe.top.requests")
     members = {a["flowprobe.top.member"] for _, a, _ in points}
     assert {"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.2:8080"} <= members
+
+
+def test_the_policy_that_sets_an_analyzers_settings_decides_whether_it_freezes() -> None:
+    asked: list[str] = []
+
+    def freeze(policy: str, ep: Endpoints, start_us: int, end_us: int) -> dict[str, AttrValue]:
+        asked.append(policy)
+        return {}
+
+    sinks = {"a": _sink()}
+    analyzers = PolicyAnalyzers(freeze)
+    analyzers.sync([policy("a2", anomalies=ON)], sinks, _target)
+    (analyzer,) = sinks["a"].observers
+    assert isinstance(analyzer, Analyzer) and analyzer.freeze is not None
+    ep = exchange().endpoints
+    analyzer.freeze(ep, 1, 2)
+    # a1 comes first by name with the same settings: the analyzer stays, a1 decides.
+    analyzers.sync([policy("a1", anomalies=ON), policy("a2", anomalies=ON)], sinks, _target)
+    assert sinks["a"].observers == [analyzer]
+    analyzer.freeze(ep, 1, 2)
+    assert asked == ["a2", "a1"]
+    analyzers.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -16,9 +17,14 @@ import pytest
 
 from flowprobe.agent.capture.tshark import Tools
 from flowprobe.agent.daemon.report import HealthServer
-from flowprobe.agent.forensics.freezer import PCAP_NAME
+from flowprobe.agent.forensics.freezer import (
+    PCAP_NAME,
+    PCAP_STREAM_ID,
+    PCAP_TRIGGER,
+    community_id,
+)
 from flowprobe.agent.forensics.node import NodeForensics
-from flowprobe.agent.sessionize.records import Outcome
+from flowprobe.agent.sessionize.records import Endpoints, Outcome
 from flowprobe.devenv.httpapp import serve
 from flowprobe.devenv.k8sobjects import policy
 from tests.agent.export.fakes import exchange
@@ -118,4 +124,39 @@ def test_policies_set_up_the_ring_and_their_own_triggers_freeze(
         assert stats["frozen"] == 1
     finally:
         health.stop()
+        server.shutdown()
+
+
+def test_anomaly_alerts_freeze_only_for_policies_with_the_anomaly_trigger(
+    node: NodeForensics,
+) -> None:
+    server = serve("127.0.0.1", 0)
+    port = server.server_address[1]
+    on = policy("a", forensics={"mode": "Enabled", "triggers": ["AnomalyAlert"]})
+    off = policy("b", forensics={"mode": "Enabled", "triggers": ["ServerError"]})
+    try:
+        node.apply([on, off], ["lo"], f"tcp port {port}")
+        current = node.current
+        assert current is not None and current.ring.wait_capturing(10)
+        client_port, start, end = _request_503(port)
+        ep = Endpoints("tcp", "127.0.0.1", client_port, "127.0.0.1", port)
+        assert node.freeze_anomaly("b", ep, start, end) == {}
+        assert node.freeze_anomaly("gone", ep, start, end) == {}
+        pcap = node.freeze_anomaly("a", ep, start, end)
+        assert pcap[PCAP_TRIGGER] == "anomaly" and pcap[PCAP_STREAM_ID] == community_id(ep)
+        frozen = current.store.directory / str(pcap[PCAP_NAME])
+        wait_until(
+            lambda: (node.totals() or {}).get("frozen") == 1,
+            f"the pcap to be cut ({node.totals()})",
+            timeout=30,
+        )
+        ports = subprocess.run(
+            ["tshark", "-r", str(frozen), "-n", "-T", "fields", "-e", "tcp.port"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert ports and set(ports) == {f"{client_port},{port}", f"{port},{client_port}"}
+        assert (node.totals() or {})["triggered"] == 1
+    finally:
         server.shutdown()

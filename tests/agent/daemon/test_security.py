@@ -10,7 +10,6 @@ each selected by its own policy.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,17 @@ import pytest
 from kubernetes import client as k8s_client
 
 from flowprobe.agent.capture.tshark import Tools
-from flowprobe.agent.daemon.main import Daemon, Settings
+from flowprobe.agent.daemon.main import Daemon
 from flowprobe.agent.enrich.index import NAMESPACES, PODS
 from flowprobe.agent.enrich.kubeapi import KubeApi
 from flowprobe.agent.enrich.watch import now_us
+from flowprobe.agent.forensics.freezer import PCAP_NAME
+from flowprobe.agent.forensics.node import NodeForensics
 from flowprobe.api.policyset import CompiledPolicySet
 from flowprobe.devenv.k8sobjects import namespace, pod, policy
 from flowprobe.devenv.netns import Node, Pod
 from flowprobe.devenv.servers import start_http
+from tests.agent.daemon.helpers import daemon_settings, netns_tools, stop_daemon
 from tests.agent.export.fakes import FakeHttpReceiver, sdk_spans
 from tests.operator.clusterkit import wait_until
 
@@ -42,16 +44,13 @@ def pods(tmp_path: Path) -> Iterator[tuple[Node, Pod, Pod, Pod, Tools]]:
         client, guarded, open_ = (node.add_pod(n) for n in ("client", "guarded", "open"))
         for server in (guarded, open_):
             start_http(server, PORT)
-        tools = Tools.find()
-        wrapper = tmp_path / "dumpcap"
-        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {node.netns} {tools.dumpcap} "$@"\n')
-        wrapper.chmod(0o755)
-        yield node, client, guarded, open_, dataclasses.replace(tools, dumpcap=str(wrapper))
+        yield node, client, guarded, open_, netns_tools(node, tmp_path)
 
 
 def _policies(path: Path, endpoint: str, secured: str, generation: int) -> None:
     export = {"endpoint": endpoint, "protocol": "HttpProtobuf", "timeoutSeconds": 5}
     waf = {"waf": {"mode": "DetectionOnly"}}
+    forensics = {"mode": "Enabled", "triggers": ["SecurityAlert"], "secondsAfter": 0}
     path.write_text(
         CompiledPolicySet(
             policies=[
@@ -63,7 +62,7 @@ def _policies(path: Path, endpoint: str, secured: str, generation: int) -> None:
                     direction="Both",
                     protocols=["HTTP"],
                     export=export,
-                    **({"security": waf} if name == secured else {}),
+                    **({"security": waf, "forensics": forensics} if name == secured else {}),
                 )
                 for name in ("guarded", "open")
             ]
@@ -82,14 +81,18 @@ def _server_spans(receiver: FakeHttpReceiver) -> list[Any]:
     ]
 
 
-def _waf_paths(spans: list[Any], server: str, prefix: str) -> tuple[int, int]:
-    """(spans, spans with WAF events) of requests to ``server`` under ``prefix``."""
-    mine = [
+def _mine(spans: list[Any], server: str, prefix: str) -> list[Any]:
+    return [
         s
         for s in spans
         if s.attributes.get("server.address") == server
         and str(s.attributes.get("url.path", "")).startswith(prefix)
     ]
+
+
+def _waf_paths(spans: list[Any], server: str, prefix: str) -> tuple[int, int]:
+    """(spans, spans with WAF events) of requests to ``server`` under ``prefix``."""
+    mine = _mine(spans, server, prefix)
     hit = [s for s in mine if any(e.name == "flowprobe.waf.match" for e in s.events)]
     return len(mine), len(hit)
 
@@ -99,18 +102,9 @@ def test_waf_findings_only_for_the_policy_that_turns_it_on_and_following_changes
 ) -> None:
     _node, client, guarded, open_ = pods[:4]
     receiver = FakeHttpReceiver()
-    settings = Settings(
-        node="node-a",
-        namespace="flowprobe",
-        pod="agent",
-        policy_file=tmp_path / "policies.json",
-        health_address="127.0.0.1",
-        health_port=0,
-        report_interval_s=15,
-        interfaces=("any",),
-        kubeconfig=None,
-    )
+    settings = daemon_settings(tmp_path)
     daemon = Daemon(settings, pods[4], KubeApi(k8s_client.Configuration()))
+    daemon.forensics = NodeForensics(pods[4], str(tmp_path / "forensics"), str(tmp_path / "t"))
     t = now_us() - 10_000_000
     daemon.index.apply(NAMESPACES, "ADDED", namespace("shop", {"capture": "on"}), t)
     for name, ip in (("guarded", guarded.ip), ("open", open_.ip)):
@@ -122,6 +116,8 @@ def test_waf_findings_only_for_the_policy_that_turns_it_on_and_following_changes
             assert daemon._read_policies()
             daemon._apply(True)
             wait_until(daemon.switcher.alive, "the capture", timeout=30)
+            ring = daemon.forensics.current
+            assert ring is not None and ring.ring.wait_capturing(30)
             prefix = f"/gen{generation}/"
             for ip in (guarded.ip, open_.ip):
                 url = f"http://{ip}:{PORT}{prefix}{SQLI}"
@@ -139,13 +135,16 @@ def test_waf_findings_only_for_the_policy_that_turns_it_on_and_following_changes
             spans = _server_spans(receiver)
             assert _waf_paths(spans, secured_ip, prefix) == (3, 3)
             assert _waf_paths(spans, other_ip, prefix) == (3, 0)
+            # The findings froze the secured policy's connection (inspected before
+            # forensics looks), and only that.
+            (pcap,) = {s.attributes.get(PCAP_NAME) for s in _mine(spans, secured_ip, prefix)}
+            assert isinstance(pcap, str) and "-alert-" in pcap
+            assert not any(PCAP_NAME in s.attributes for s in _mine(spans, other_ip, prefix))
+            frozen = ring.store.directory / pcap
+            wait_until(frozen.exists, f"{pcap} to be cut ({ring.totals()})", timeout=30)
         assert daemon.security.totals()["inspected"] >= 3
         text = str(receiver.received.traces)
         assert "flowprobe.payload." not in text
     finally:
-        daemon.switcher.stop()
-        daemon.security.close()
-        for telemetry in daemon.telemetry.values():
-            telemetry.close()
-        daemon.health.server.server_close()  # never started
+        stop_daemon(daemon)
         receiver.stop()

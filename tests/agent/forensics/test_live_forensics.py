@@ -15,7 +15,9 @@ import pytest
 
 from flowprobe.agent.forensics.ring import MAX_PACKET_BYTES, ring_files
 from flowprobe.devenv.netns import Node, Pod
-from tests.agent.helpers import stop_agent
+from flowprobe.devenv.nsproxy import Forwarder
+from tests.agent.export.fakes import FakeGrpcReceiver, attrs
+from tests.agent.helpers import check_stream_id, loadgen, stop_agent
 
 pytestmark = [pytest.mark.capture, pytest.mark.netns]
 
@@ -140,30 +142,8 @@ def _check_frozen(
     assert (str(client_port), "8080", "GET", uri, "") in http
     assert ("8080", str(client_port), "", "", status) in http
     assert (str(client_port), "8080", "GET", "/items/1", "") in http
-    # The stream id is the connection's Community ID, as Wireshark computes it.
-    hits = subprocess.run(
-        [
-            "tshark",
-            "-r",
-            str(pcap),
-            "-n",
-            "--enable-protocol",
-            "communityid",
-            "-Y",
-            f'communityid == "{rec["flowprobe.pcap.stream_id"]}"',
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.splitlines()
-    assert len(hits) == len(_ports_in_frames(pcap))
+    check_stream_id(pcap, rec["flowprobe.pcap.stream_id"])
     return rec
-
-
-def _ports_in_frames(pcap: Path) -> list[str]:
-    return subprocess.run(
-        ["tshark", "-r", str(pcap), "-n"], capture_output=True, text=True, check=True
-    ).stdout.splitlines()
 
 
 def _pcap_cli(node: Node, token_file: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -277,6 +257,75 @@ def test_a_waf_alert_freezes_its_connection(
     assert not any(
         "flowprobe.pcap.name" in r for r in _records(tmp_path) if r["url.path"] != "/items"
     )
+
+
+ANOMALY_RATE = 30
+ANOMALY_FLAGS = [
+    "--pcap-triggers", "anomaly",
+    "--anomalies",
+    "--anomaly-interval", "1",
+    "--anomaly-warmup", "3",
+    "--anomaly-span", "10",
+    "--anomaly-min-exchanges", "10",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_an_anomaly_alert_freezes_the_connection_of_the_exchange_that_raised_it(
+    http_pods: tuple[Node, Pod, Pod], tmp_path: Path
+) -> None:
+    node, client, server = http_pods
+    receiver = FakeGrpcReceiver()
+    try:
+        with Forwarder(
+            ("127.0.0.1", receiver.port), ("127.0.0.1", receiver.port), listen_netns=node.netns
+        ):
+            otlp = f"http://127.0.0.1:{receiver.port}"
+            agent = _agent(node, tmp_path, "--otlp-endpoint", otlp, *ANOMALY_FLAGS)
+            try:
+                # Steady for longer than the warm-up, then half of the requests
+                # fail; the shifted load starts before the steady one ends, so
+                # the rate has no gap (nor a step the rate rule would judge).
+                steady = threading.Thread(
+                    target=loadgen, args=(client, server.ip, 9, ANOMALY_RATE, "/items/{n}", 4)
+                )
+                steady.start()
+                time.sleep(6.0)
+                loadgen(client, server.ip, 4, ANOMALY_RATE, "/status/500,/items/{n}", 4)
+                steady.join()
+                _wait_listed(node, tmp_path / "token")
+            finally:
+                stop_agent(agent)
+        records = receiver.received.log_records()
+        spans = [attrs(span.attributes) for _, span in receiver.received.spans()]
+        events = [
+            attrs(e.attributes)
+            for _, span in receiver.received.spans()
+            for e in span.events
+            if e.name == "flowprobe.anomaly"
+        ]
+    finally:
+        receiver.stop()
+    alerts = [a for name, a in records if name == "flowprobe.anomaly"]
+    alert = next(a for a in alerts if a["flowprobe.anomaly.kind"] == "error_ratio")
+    name = alert["flowprobe.pcap.name"]
+    assert alert["flowprobe.pcap.trigger"] == "anomaly" and "-anomaly-" in name
+    # The span event and both spans of the exchange that raised it name the pcap.
+    assert any(e.get("flowprobe.pcap.name") == name for e in events)
+    raised = [a for a in spans if a.get("flowprobe.pcap.name") == name]
+    assert raised and all(a["flowprobe.pcap.trigger"] == "anomaly" for a in raised)
+    assert {a["flowprobe.pcap.stream_id"] for a in raised} == {alert["flowprobe.pcap.stream_id"]}
+    client_port = next(a["client.port"] for a in raised if "client.port" in a)
+    uri = next(a["url.path"] for a in raised)
+    # tshark opens it; it holds that connection only, with the exchange in it.
+    pcap = tmp_path / "forensics" / "frozen" / name
+    assert pcap in _frozen(tmp_path)
+    assert _ports_in(pcap) == {(str(client_port), "8080"), ("8080", str(client_port))}
+    assert (str(client_port), "8080", "GET", uri, "") in _http_in(pcap)
+    check_stream_id(pcap, alert["flowprobe.pcap.stream_id"])
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["anomalies"]["alerts"] == len(alerts)
+    assert stats["forensics"]["frozen"] >= 1 and stats["forensics"].get("failed", 0) == 0
 
 
 LOAD = r"""

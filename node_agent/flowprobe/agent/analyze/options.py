@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flowprobe.agent.analyze.stage import SCOPE, Analyzer
+from flowprobe.agent.analyze.stage import SCOPE, Analyzer, Freeze
 from flowprobe.agent.config import AnomalyConfig
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.security.alerts import open_alerts
@@ -96,8 +96,10 @@ def from_policy(spec: AnomaliesSpec) -> AnomalyConfig:
     )
 
 
-def attach(config: AnomalyConfig, telemetry: Telemetry, live: bool) -> Analyzer:
+def attach(
+    config: AnomalyConfig, telemetry: Telemetry, live: bool, freeze: Freeze | None = None
+) -> Analyzer:
     """An analyzer on ``telemetry``, alerting to its OTLP logs endpoint if it has one
     (raises OtlpConfigError)."""
     alerts = open_alerts(telemetry.config, telemetry, SCOPE)
-    return Analyzer(config, alerts, metrics(telemetry), live).attach(telemetry)
+    return Analyzer(config, alerts, metrics(telemetry), live, freeze).attach(telemetry)

@@ -2,14 +2,18 @@
 
     Telemetry process thread --observe(ex, client, server)--> top-N windows, edge baselines
                                                           --> alert: log record (Alerts) + span event
+                                                          --> alert: freeze(connection) -> pcap named
     metric thread --Metrics.collect()--> collect(): flowprobe.top.* gauges
 
 The analyzer is an observer of :class:`~flowprobe.agent.export.telemetry.Telemetry`:
 it runs where both ends of an exchange are already resolved to workloads
 and before the exchange's spans are built, so the span event of an alert
-lands on the span of the exchange that raised it. Only the top-N windows are
-shared with the metric thread; one lock guards all state, so the daemon can
-close an analyzer while its sink still drains.
+lands on the span of the exchange that raised it. With forensics on, an
+alert freezes a connection of its edge into a pcap (docs/forensics.md): the
+alert's record and event name it, and so does the span of the exchange that
+raised it. Only the top-N windows are shared with the metric thread; one
+lock guards all state, so the daemon can close an analyzer while its sink
+still drains.
 
 Exported cardinality is bounded by construction: per metric, at most
 ``top_n`` points per dimension (the current members, each with its rank);
@@ -22,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from opentelemetry.sdk.metrics.export import Gauge, Metric, NumberDataPoint
@@ -36,7 +41,7 @@ from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.export.workloads import Workload
 from flowprobe.agent.parse.messages import AttrValue
 from flowprobe.agent.security.alerts import Alerts
-from flowprobe.agent.sessionize.records import Exchange, Outcome
+from flowprobe.agent.sessionize.records import Endpoints, Exchange, Outcome
 
 log = logging.getLogger("flowprobe.agent")
 
@@ -80,6 +85,9 @@ _LABELS = {
     Kind.RATE_INCREASE: "rate rise",
     Kind.RATE_DECREASE: "rate drop",
 }
+# Freezes an alert's connection around [start µs, end µs] (forensics/): the attributes
+# naming the pcap, none when nothing is frozen (trigger off, rate limit).
+Freeze = Callable[[Endpoints, int, int], Mapping[str, AttrValue]]
 # Intervals close on wall time this long after their end while no exchange
 # comes: exchanges are handed on when they complete, a little late.
 _GRACE_US = 1_000_000
@@ -92,11 +100,13 @@ class Analyzer:
         alerts: Alerts | None = None,
         metrics: Metrics | None = None,
         live: bool = False,
+        freeze: Freeze | None = None,
     ) -> None:
         self.config = config
         self.alerts = alerts
         self.metrics = metrics
         self.live = live
+        self.freeze = freeze
         window_us = config.top_n_window_seconds * 1_000_000
         self.top = (
             {
@@ -114,6 +124,9 @@ class Analyzer:
         # Alerts raised by another edge's exchange: their span event goes on
         # the next exchange of their own edge.
         self._pending: dict[EdgeKey, list[dict[str, AttrValue]]] = {}
+        # Each tracked edge's latest exchange (connection, start, end): what an
+        # alert raised without an exchange of its own edge freezes.
+        self._latest: dict[EdgeKey, tuple[Endpoints, int, int]] = {}
 
     # -- wiring -----------------------------------------------------------
 
@@ -181,11 +194,22 @@ class Analyzer:
                 top[CLIENT_WORKLOAD].add(at, edge[0], figures)
                 top[SERVER_WORKLOAD].add(at, edge[1], figures)
             transitions = self.baselines.observe(at, edge, ex.duration_us, failed)
+            if self.freeze is not None:
+                self._remember(ex, edge)
             if transitions:
                 self._emit(transitions, ex, edge)
             pending = self._pending.pop(edge, None) if self._pending else None
         if pending:
             ex.security_events.extend((ex.start_us, ANOMALY, a) for a in pending)
+
+    def _remember(self, ex: Exchange, edge: EdgeKey) -> None:
+        edges = self.baselines.edges
+        if edge not in edges:
+            return
+        self._latest[edge] = (ex.endpoints, ex.start_us, ex.end_us)
+        # Only edges forgotten by the baselines can make it larger: drop them.
+        if len(self._latest) > len(edges):
+            self._latest = {k: v for k, v in self._latest.items() if k in edges}
 
     def tick(self, now_us: int) -> None:
         if self.live:
@@ -224,6 +248,9 @@ class Analyzer:
                     )
                 continue
             self.alerted += 1
+            own = ex if ex is not None and t.edge == edge else None
+            if self.freeze is not None:
+                attrs.update(self._freeze(self.freeze, t.edge, own))
             if self.metrics is not None:
                 key = (
                     ("flowprobe.client.service", client),
@@ -241,10 +268,23 @@ class Analyzer:
                     f"(threshold {t.threshold:.4g})",
                     attrs,
                 )
-            if ex is not None and t.edge == edge:
-                ex.security_events.append((ex.start_us, ANOMALY, attrs))
+            if own is not None:
+                own.security_events.append((own.start_us, ANOMALY, attrs))
             elif len(self._pending) < self.config.max_edges:
                 self._pending.setdefault(t.edge, []).append(attrs)
+
+    def _freeze(
+        self, freeze: Freeze, edge: EdgeKey, own: Exchange | None
+    ) -> Mapping[str, AttrValue]:
+        if own is None:
+            latest = self._latest.get(edge)
+            return freeze(*latest) if latest is not None else {}
+        pcap = freeze(own.endpoints, own.start_us, own.end_us)
+        # An exchange whose own failure froze its connection keeps that trigger:
+        # the cut is the same one while it is pending.
+        for key, value in pcap.items():
+            own.attrs.setdefault(key, value)
+        return pcap
 
     # -- metric thread ----------------------------------------------------
 

@@ -170,7 +170,7 @@ class Daemon:
         self.isolation = DaemonIsolation(self.index, api.base)
         # Replaced, never mutated: the capture thread reads it without a lock.
         self.telemetry: dict[str, Telemetry] = {}
-        self.analyzers = PolicyAnalyzers()
+        self.analyzers = PolicyAnalyzers(self.forensics.freeze_anomaly)
         self.security = PolicySecurity()
         self.policy_set: CompiledPolicySet | None = None
         self.policy_error: str | None = None
@@ -192,7 +192,6 @@ class Daemon:
             if not policies:
                 return
             self.engine.annotate(ex, policies[0], server, client)
-            self.forensics.observe(ex, policies)
         except Exception as exc:
             # A bug on one exchange must not end the capture thread.
             self.stats.anomaly("enrichment_error", repr(exc))
@@ -201,7 +200,10 @@ class Daemon:
         keys = dict.fromkeys(_export_key(p) for p in policies)
 
         def export(ex: Exchange) -> None:
-            # After inspection: BlockOnWafMatch rules act on the WAF's findings.
+            # After inspection: the SecurityAlert trigger and BlockOnWafMatch rules
+            # act on the WAF's findings. Forensics first: it names the pcap on the
+            # exchange before anything reads it.
+            self.forensics.observe(ex, policies)
             self.isolation.submit(ex, policies)
             for key in keys:
                 sink = telemetry.get(key)

@@ -1,6 +1,7 @@
 """Freeze the ring's packets of one connection into a named pcap when something goes wrong.
 
     capture thread: observe(exchange) -> trigger? -> name now, on the exchange
+    export process thread: freeze_anomaly(connection) <- analyze/ (an anomaly alert)
     forensics thread: once the window has passed -> cut the ring -> frozen/NAME
 
 The exchange carries the pcap's name (``flowprobe.pcap.name``) and its
@@ -34,6 +35,7 @@ from flowprobe.agent.capture.tshark import CaptureError, Tools
 from flowprobe.agent.config import ForensicsConfig, ForensicsTrigger
 from flowprobe.agent.forensics.ring import CaptureRing, ring_files
 from flowprobe.agent.forensics.store import PcapStore
+from flowprobe.agent.parse.messages import AttrValue
 from flowprobe.agent.sessionize.records import Endpoints, Exchange, Outcome
 
 log = logging.getLogger("flowprobe.agent.forensics")
@@ -142,11 +144,23 @@ class Forensics:
         reason = self.trigger(ex, self.config.triggers if triggers is None else triggers)
         if reason is None:
             return
-        name = self.freeze(ex.endpoints, ex.start_us, ex.end_us, reason)
-        if name is not None:
-            ex.attrs[PCAP_NAME] = name
-            ex.attrs[PCAP_STREAM_ID] = community_id(ex.endpoints)
-            ex.attrs[PCAP_TRIGGER] = reason
+        ex.attrs.update(self.pcap_attributes(ex.endpoints, ex.start_us, ex.end_us, reason))
+
+    def freeze_anomaly(self, ep: Endpoints, start_us: int, end_us: int) -> dict[str, AttrValue]:
+        """The analyzer's hook (analyze/stage.py): an anomaly alert's connection, frozen
+        when the ``anomaly`` trigger is on."""
+        if "anomaly" not in self.config.triggers:
+            return {}
+        return self.pcap_attributes(ep, start_us, end_us, "anomaly")
+
+    def pcap_attributes(
+        self, ep: Endpoints, start_us: int, end_us: int, reason: str
+    ) -> dict[str, AttrValue]:
+        """:meth:`freeze`, as the attributes that name the pcap (none when suppressed)."""
+        name = self.freeze(ep, start_us, end_us, reason)
+        if name is None:
+            return {}
+        return {PCAP_NAME: name, PCAP_STREAM_ID: community_id(ep), PCAP_TRIGGER: reason}
 
     def freeze(self, ep: Endpoints, start_us: int, end_us: int, reason: str) -> str | None:
         """Schedule a cut of ``ep``'s packets around [start, end]; the pcap's name,

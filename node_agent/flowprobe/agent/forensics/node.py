@@ -17,7 +17,8 @@ from flowprobe.agent.capture.tshark import CaptureError, Tools
 from flowprobe.agent.config import ForensicsConfig, ForensicsTrigger
 from flowprobe.agent.forensics.endpoint import PcapEndpoint
 from flowprobe.agent.forensics.freezer import Forensics
-from flowprobe.agent.sessionize.records import Exchange
+from flowprobe.agent.parse.messages import AttrValue
+from flowprobe.agent.sessionize.records import Endpoints, Exchange
 from flowprobe.api import constants
 from flowprobe.api.policyset import CompiledPolicy
 from flowprobe.api.v1alpha1 import ForensicsSpec
@@ -30,6 +31,7 @@ TRIGGERS: dict[PolicyTrigger, ForensicsTrigger] = {
     PolicyTrigger.CONNECTION_RESET: "reset",
     PolicyTrigger.TIMEOUT: "timeout",
     PolicyTrigger.SECURITY_ALERT: "alert",
+    PolicyTrigger.ANOMALY_ALERT: "anomaly",
 }
 
 
@@ -120,6 +122,18 @@ class NodeForensics:
         wanted = frozenset().union(*(triggers.get(p.name, frozenset()) for p in policies))
         if wanted:
             current.observe(ex, wanted)
+
+    # -- export process thread ---------------------------------------------
+
+    def freeze_anomaly(
+        self, policy: str, ep: Endpoints, start_us: int, end_us: int
+    ) -> dict[str, AttrValue]:
+        """An anomaly alert of the analyzer ``policy`` configures: its connection, frozen
+        when that policy enables the AnomalyAlert trigger (analyze/policies.py)."""
+        current = self.current
+        if current is None or "anomaly" not in self.triggers.get(policy, ()):
+            return {}
+        return current.pcap_attributes(ep, start_us, end_us, "anomaly")
 
     # -- health server ----------------------------------------------------
 

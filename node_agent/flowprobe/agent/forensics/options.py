@@ -30,8 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group(
         "forensics",
         "A dumpcap ring of the capture, cut into a pcap of the connection when an exchange "
-        "fails or raises a security alert; served on --pcap-port to bearer-token holders "
-        "(docs/forensics.md). Off by default.",
+        "fails or raises a security alert, or an anomaly alert fires (with --anomalies); "
+        "served on --pcap-port to bearer-token holders (docs/forensics.md). Off by default.",
     )
     g.add_argument("--forensics", action="store_true", help="keep the ring and freeze pcaps")
     g.add_argument(
