@@ -179,6 +179,18 @@ def test_an_alert_raised_by_the_clock_freezes_its_edges_latest_exchange() -> Non
     assert record[PCAP_NAME] == f"pcap-{last.endpoints.client_port}.pcap"
 
 
+def test_a_failing_freeze_on_the_clock_is_counted_not_raised() -> None:
+    def broken(ep: Endpoints, start_us: int, end_us: int) -> Mapping[str, AttrValue]:
+        raise OSError("disk full")
+
+    a, _ = _analyzer(broken, live=True)
+    for s in range(6):
+        _second(a, s, "client")
+    _second(a, 6, "client", errors=10)
+    a.tick(T0 + 8 * S + 1)  # the sink's thread calls this: it must not raise
+    assert a.totals()["errors"] == 1
+
+
 def test_without_a_freezer_nothing_is_remembered() -> None:
     a, _ = _analyzer(None)
     for s in range(8):

@@ -164,9 +164,12 @@ class Analyzer:
             self._observe(ex, client, server)
         except Exception:
             # Analysis is a side line: a bug here must not cost the span.
-            self.errors += 1
-            if self.errors == 1:
-                log.exception("anomaly analysis failed (further failures are only counted)")
+            self._failed()
+
+    def _failed(self) -> None:
+        self.errors += 1
+        if self.errors == 1:
+            log.exception("anomaly analysis failed (further failures are only counted)")
 
     def _observe(self, ex: Exchange, client: Workload | None, server: Workload | None) -> None:
         at = ex.end_us
@@ -212,9 +215,15 @@ class Analyzer:
             self._latest = {k: v for k, v in self._latest.items() if k in edges}
 
     def tick(self, now_us: int) -> None:
-        if self.live:
+        if not self.live:
+            return
+        try:
             with self._lock:
                 self._emit(self.baselines.advance(now_us - _GRACE_US), None, None)
+        except Exception:
+            # Called by the sink's thread outside its per-exchange guard (an
+            # alert's freeze runs here too): a bug must not stop that thread.
+            self._failed()
 
     def _emit(
         self, transitions: list[Transition], ex: Exchange | None, edge: EdgeKey | None
