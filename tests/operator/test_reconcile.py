@@ -557,27 +557,6 @@ def test_event_filters() -> None:
     assert rec.child_changed("DELETED", "ConfigMap", cm)
 
 
-def test_agent_pod_events_trigger_on_what_a_run_reads() -> None:
-    rec = _reconciler(FakeKube())
-    pod: dict[str, Any] = {
-        "metadata": {"name": "agent-x", "annotations": {"flowprobe.io/config-checksum": "c1"}},
-        "spec": {},
-        "status": {"phase": "Pending"},
-    }
-    assert not rec.agent_pod_changed("ADDED", pod)  # not bound to a node yet: counts nowhere
-    pod["spec"]["nodeName"] = "n1"
-    assert rec.agent_pod_changed("MODIFIED", pod)  # bound
-    pod["metadata"]["resourceVersion"] = "7"
-    assert not rec.agent_pod_changed("MODIFIED", pod)  # nothing a run reads changed
-    pod["status"] = {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
-    assert rec.agent_pod_changed("MODIFIED", pod)  # Ready: the status may turn Ready
-    assert not rec.agent_pod_changed("MODIFIED", copy.deepcopy(pod))
-    pod["metadata"]["annotations"]["flowprobe.io/config-checksum"] = "c2"
-    assert rec.agent_pod_changed("MODIFIED", pod)  # rolled to another set
-    assert rec.agent_pod_changed("DELETED", pod)
-    assert not rec.agent_pod_changed("DELETED", pod)
-
-
 def _watch(api: FakeKube, rec: Reconciler) -> None:
     """Deliver the agent objects as they are now, as kopf's watch handlers do."""
     for res, kind in (

@@ -43,10 +43,3 @@ async def agent_object_event(
         event["type"], resource.kind or "", dict(event["object"])
     ):
         rt.reconciler.trigger()
-
-
-@kopf.on.event("v1", "pods", labels=_AGENT_OBJECTS)
-async def agent_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    rt = runtime(memo)
-    if rt is not None and rt.reconciler.agent_pod_changed(event["type"], dict(event["object"])):
-        rt.reconciler.trigger()

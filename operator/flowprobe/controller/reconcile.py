@@ -163,9 +163,6 @@ class Reconciler:
         # status compare it with _last_apply instead of applying again, and
         # take the DaemonSet status from it.
         self._watched: dict[str, dict[str, Any]] = {}
-        # Per agent pod, what a run reads of it (node, readiness, checksum) as
-        # of its last watch event: other pod updates need no run.
-        self._agent_pod_state: dict[str, tuple[str, bool, str]] = {}
         # When the last policy event arrived: runs wait for a burst of them.
         self._policy_event_at: float | None = None
         self._instance = socket.gethostname()
@@ -208,26 +205,6 @@ class Reconciler:
         if kind == "DaemonSet":
             return True
         return self._applied.get(kind) != str(obj["metadata"].get("resourceVersion", ""))
-
-    def agent_pod_changed(self, event_type: str | None, pod: dict[str, Any]) -> bool:
-        """Record an agent pod's watch event; whether it needs a run.
-
-        Without it, an agent turning Ready reached the status only after the
-        DaemonSet controller had counted it in the DaemonSet's status, whose
-        updates share that controller's client rate limit with its pod
-        creates: the pod's own event comes first.
-        """
-        name = pod["metadata"]["name"]
-        if event_type == "DELETED":
-            return self._agent_pod_state.pop(name, None) is not None
-        agent = self._agent_pods([pod])
-        state = (agent[0].node, agent[0].ready, agent[0].checksum) if agent else None
-        if state is None:
-            return self._agent_pod_state.pop(name, None) is not None
-        if self._agent_pod_state.get(name) == state:
-            return False
-        self._agent_pod_state[name] = state
-        return True
 
     def trigger(self) -> None:
         """Ask for a run without waiting for it (watch handlers; see serve_triggers)."""
