@@ -567,6 +567,8 @@ class LocalBackends:
             "FLOWPROBE_OTLP_HTTP_ENDPOINT": f"{LOOPBACK}:{p.otlp_http}",
             "FLOWPROBE_TRACES_ENDPOINT": f"{LOOPBACK}:{p.jaeger_otlp_grpc}",
             "FLOWPROBE_TRACES_INSECURE": "true",
+            # Jaeger is on loopback: compressing for it costs CPU, saves nothing.
+            "FLOWPROBE_TRACES_COMPRESSION": "none",
             "FLOWPROBE_PROMETHEUS_EXPORTER_ENDPOINT": f"{LOOPBACK}:{p.prometheus_exporter}",
             "FLOWPROBE_COLLECTOR_HEALTH_ENDPOINT": f"{LOOPBACK}:{p.collector_health}",
             "FLOWPROBE_COLLECTOR_METRICS_HOST": LOOPBACK,
