@@ -203,8 +203,13 @@ class Daemon:
             # After inspection: the SecurityAlert trigger and BlockOnWafMatch rules
             # act on the WAF's findings. Forensics first: it names the pcap on the
             # exchange before anything reads it.
-            self.forensics.observe(ex, policies)
-            self.isolation.submit(ex, policies)
+            try:
+                self.forensics.observe(ex, policies)
+                self.isolation.submit(ex, policies)
+            except Exception as exc:
+                # Without a security stage this runs on the capture thread: a bug
+                # must cost the pcap or the block, not the capture or the span.
+                self.stats.anomaly("forensics_isolation_error", repr(exc))
             for key in keys:
                 sink = telemetry.get(key)
                 if sink is not None:
