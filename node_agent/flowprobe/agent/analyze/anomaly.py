@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from flowprobe.agent.config import AnomalyConfig
+from flowprobe.agent.sessionize.records import Endpoints
 
 # (client, server, protocol), as the flowprobe.edge.* metrics key an edge.
 EdgeKey = tuple[str, str, str]
@@ -93,6 +94,10 @@ class _Edge:
     error_ratio: float = 0.0
     p95_s: float = 0.0
     storms: dict[Kind, _Storm] = field(default_factory=dict)
+    # The edge's latest exchange (connection, start, end), kept by the analyzer
+    # when alerts freeze pcaps: what an alert raised without an exchange of
+    # its own edge freezes. It lives and goes with the edge.
+    latest: tuple[Endpoints, int, int] | None = None
 
 
 def bucket(duration_us: int) -> int:

@@ -124,9 +124,6 @@ class Analyzer:
         # Alerts raised by another edge's exchange: their span event goes on
         # the next exchange of their own edge.
         self._pending: dict[EdgeKey, list[dict[str, AttrValue]]] = {}
-        # Each tracked edge's latest exchange (connection, start, end): what an
-        # alert raised without an exchange of its own edge freezes.
-        self._latest: dict[EdgeKey, tuple[Endpoints, int, int]] = {}
 
     # -- wiring -----------------------------------------------------------
 
@@ -197,22 +194,13 @@ class Analyzer:
                 top[CLIENT_WORKLOAD].add(at, edge[0], figures)
                 top[SERVER_WORKLOAD].add(at, edge[1], figures)
             transitions = self.baselines.observe(at, edge, ex.duration_us, failed)
-            if self.freeze is not None:
-                self._remember(ex, edge)
+            if self.freeze is not None and (e := self.baselines.edges.get(edge)) is not None:
+                e.latest = (ex.endpoints, ex.start_us, ex.end_us)
             if transitions:
                 self._emit(transitions, ex, edge)
             pending = self._pending.pop(edge, None) if self._pending else None
         if pending:
             ex.security_events.extend((ex.start_us, ANOMALY, a) for a in pending)
-
-    def _remember(self, ex: Exchange, edge: EdgeKey) -> None:
-        edges = self.baselines.edges
-        if edge not in edges:
-            return
-        self._latest[edge] = (ex.endpoints, ex.start_us, ex.end_us)
-        # Only edges forgotten by the baselines can make it larger: drop them.
-        if len(self._latest) > len(edges):
-            self._latest = {k: v for k, v in self._latest.items() if k in edges}
 
     def tick(self, now_us: int) -> None:
         if not self.live:
@@ -286,8 +274,8 @@ class Analyzer:
         self, freeze: Freeze, edge: EdgeKey, own: Exchange | None
     ) -> Mapping[str, AttrValue]:
         if own is None:
-            latest = self._latest.get(edge)
-            return freeze(*latest) if latest is not None else {}
+            e = self.baselines.edges.get(edge)
+            return freeze(*e.latest) if e is not None and e.latest is not None else {}
         pcap = freeze(own.endpoints, own.start_us, own.end_us)
         # An exchange whose own failure froze its connection keeps that trigger:
         # the cut is the same one while it is pending.

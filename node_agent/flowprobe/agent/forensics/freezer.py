@@ -146,10 +146,16 @@ class Forensics:
             return
         ex.attrs.update(self.pcap_attributes(ex.endpoints, ex.start_us, ex.end_us, reason))
 
-    def freeze_anomaly(self, ep: Endpoints, start_us: int, end_us: int) -> dict[str, AttrValue]:
+    def freeze_anomaly(
+        self,
+        ep: Endpoints,
+        start_us: int,
+        end_us: int,
+        triggers: Collection[str] | None = None,
+    ) -> dict[str, AttrValue]:
         """The analyzer's hook (analyze/stage.py): an anomaly alert's connection, frozen
-        when the ``anomaly`` trigger is on."""
-        if "anomaly" not in self.config.triggers:
+        when the ``anomaly`` trigger is on (``triggers``, as in :meth:`observe`)."""
+        if "anomaly" not in (self.config.triggers if triggers is None else triggers):
             return {}
         return self.pcap_attributes(ep, start_us, end_us, "anomaly")
 

@@ -131,9 +131,9 @@ class NodeForensics:
         """An anomaly alert of the analyzer ``policy`` configures: its connection, frozen
         when that policy enables the AnomalyAlert trigger (analyze/policies.py)."""
         current = self.current
-        if current is None or "anomaly" not in self.triggers.get(policy, ()):
+        if current is None:
             return {}
-        return current.pcap_attributes(ep, start_us, end_us, "anomaly")
+        return current.freeze_anomaly(ep, start_us, end_us, self.triggers.get(policy, frozenset()))
 
     # -- health server ----------------------------------------------------
 
