@@ -63,6 +63,7 @@ from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.devenv.backends import LocalBackends
 from flowprobe.devenv.livebench import cpu_seconds, tree_pids
 from flowprobe.devenv.pcapgen import write_pcap
+from flowprobe.devenv.rawtshark import raw_tshark_args
 
 CACHE = Path(os.environ.get("FLOWPROBE_CACHE", Path.home() / ".cache" / "flowprobe")) / "bench"
 
@@ -84,12 +85,7 @@ def bench_pcap(http: int, redis: int, pg: int) -> tuple[Path, int]:
 
 
 def run_raw(tools: Tools, pipeline: Pipeline, path: Path) -> float:
-    args = pipeline.tshark_options.tshark_args(tools, str(path))
-    # Same dissection, no output: drop the output format and the column layout.
-    i = args.index("-T")
-    j = args.index("-o", i)
-    assert args[j + 1].startswith("gui.column.format:")
-    raw = [*args[:i], "-q", *args[j + 2 :]]
+    raw = raw_tshark_args(tools, pipeline.tshark_options, str(path))
     t0 = time.perf_counter()
     subprocess.run(raw, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0

@@ -5,6 +5,12 @@ and the agent captures on the node side; loss is 1 - reported / succeeded.
 The agent's CPU is read from /proc for its Python, tshark and dumpcap
 processes. ``--soak`` runs one rate for a long time and samples the agent's
 total RSS and disk use every 10 s.
+
+Each rate also runs once with a reference in the agent's place: the same
+dumpcap piped into raw tshark (the agent's dissection, preferences and
+display filter, no columns, no Python; ``rawtshark``). Its CPU and drops,
+and the workload's own CPU (nginx and h2load), show how much of the two
+cores a lossless capture at that rate leaves for the agent.
 """
 
 from __future__ import annotations
@@ -23,7 +29,17 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from flowprobe.agent.capture.tshark import (
+    CAPTURE_SETTLE_S,
+    Tools,
+    dumpcap_args,
+    dumpcap_counts,
+    interrupt,
+)
+from flowprobe.agent.config import AgentConfig
+from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.devenv.netns import Node, Pod
+from flowprobe.devenv.rawtshark import raw_tshark_args
 
 NGINX_CONF = """
 worker_processes 1;
@@ -65,6 +81,11 @@ def tree_pids(root: int) -> list[int]:
         out.append(pid)
         todo.extend(children.get(pid, []))
     return out
+
+
+def children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -115,8 +136,9 @@ def stop_agent(agent: subprocess.Popen[bytes]) -> None:
     agent.wait(timeout=120)
 
 
-def h2load(server: Pod, rate: int, conns: int, seconds: int) -> list[str]:
-    """h2load argv: HTTP/1.1 GETs to nginx at ``rate``/s over ``conns`` connections."""
+def h2load(server: Pod, rate: int, seconds: int) -> list[str]:
+    """h2load argv: HTTP/1.1 GETs to nginx at ``rate``/s, over 8 connections from 800/s."""
+    conns = 8 if rate >= 800 else 1
     return [
         "h2load",
         "--h1",
@@ -164,9 +186,11 @@ def run_rate(
     agent = spawn_agent(node, stats_file, agent_args)
     pids = tree_pids(agent.pid)
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
-    conns = 8 if rate >= 800 else 1
-    r = client.run(h2load(server, rate, conns, seconds))
+    nginx = tree_pids(server.processes[0].pid)
+    nginx0, load0 = cpu_seconds(nginx), children_cpu_s()
+    r = client.run(h2load(server, rate, seconds))
     cpu1, t1 = cpu_seconds(tree_pids(agent.pid)), time.monotonic()
+    workload = cpu_seconds(nginx) - nginx0 + children_cpu_s() - load0
     # The agent is this process's child: its CPU (and its children's) is
     # counted here once it has been waited for.
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -186,6 +210,7 @@ def run_rate(
         "loss": 1 - seen / sent if sent else 0.0,
         "achieved_rps": sent / seconds,
         "agent_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "workload_cpu_pct": 100 * workload / (t1 - t0),
         # The agent's whole life (start-up, the load, and what it still had
         # to process after it: a lagging security stage drains its queue).
         "agent_cpu_total_s": cpu_total,
@@ -193,6 +218,54 @@ def run_rate(
         "capture_dropped": stats["capture_dropped"],
         # Passed on without WAF/DDR inspection (security stage queue full).
         "uninspected": sum(stats.get("security", {}).get(k, 0) for k in ("skipped", "dropped")),
+    }
+
+
+def run_reference(
+    node: Node, client: Pod, server: Pod, rate: int, seconds: int, work: Path
+) -> dict[str, float]:
+    """One rate with raw tshark behind the agent's dumpcap in the agent's place."""
+    tools = Tools.find()
+    err_path = work / f"ref-dumpcap-{rate}.err"
+    with err_path.open("wb") as err:
+        dumpcap = node.spawn_node(
+            dumpcap_args(tools, ["any"], "inbound and tcp port 8080", 65535),
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    assert dumpcap.stdout is not None
+    tshark = node.spawn_node(
+        raw_tshark_args(tools, Pipeline(AgentConfig(), Sinks()).tshark_options, "-"),
+        stdin=dumpcap.stdout,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    dumpcap.stdout.close()
+    deadline = time.monotonic() + 30
+    while b"Capturing on" not in err_path.read_bytes():
+        if dumpcap.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"reference dumpcap did not start: {err_path.read_text()}")
+        time.sleep(0.05)
+    time.sleep(CAPTURE_SETTLE_S)
+    pids = [dumpcap.pid, tshark.pid]
+    nginx = tree_pids(server.processes[0].pid)
+    cpu0, nginx0, load0, t0 = (
+        cpu_seconds(pids),
+        cpu_seconds(nginx),
+        children_cpu_s(),
+        time.monotonic(),
+    )
+    client.run(h2load(server, rate, seconds))
+    t1 = time.monotonic()
+    cpu1, workload = cpu_seconds(pids), cpu_seconds(nginx) - nginx0 + children_cpu_s() - load0
+    time.sleep(2.0)  # as stop_agent: let tshark catch up before the capture stops
+    interrupt(dumpcap)
+    tshark.wait(timeout=120)
+    counts = dumpcap_counts(err_path.read_text())
+    return {
+        "raw_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
+        "workload_cpu_pct": 100 * workload / (t1 - t0),
+        "capture_dropped": counts[1] if counts else float("nan"),
     }
 
 
@@ -208,7 +281,7 @@ def soak(
     stats_file = work / "soak-stats.json"
     agent = spawn_agent(node, stats_file, agent_args)
     load = subprocess.Popen(
-        client.cmd(h2load(server, rate, 8, seconds)), stdout=subprocess.PIPE, text=True
+        client.cmd(h2load(server, rate, seconds)), stdout=subprocess.PIPE, text=True
     )
     tmp = Path(tempfile.gettempdir())
     print(f"{'t s':>5} {'RSS MB':>8} {'/tmp MB':>8}")
@@ -244,6 +317,12 @@ def main() -> None:
     ap.add_argument(
         "--agent-args", default="", help="extra agent flags, e.g. '--tshark-rss-limit 400'"
     )
+    ap.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="skip the raw-tshark run at each rate",
+    )
     args = ap.parse_args()
     if not shutil.which("nginx") and not Path("/usr/sbin/nginx").exists():
         raise SystemExit("nginx missing: apt-get install nginx-light nghttp2-client")
@@ -252,15 +331,40 @@ def main() -> None:
             soak(node, client, server, args.soak_rate, args.soak, work, args.agent_args.split())
             return
         print(
-            f"{'target/s':>9} {'achieved/s':>10} {'sent':>9} {'reported':>9} {'loss':>8} {'agent CPU%':>10} {'dumpcap drops':>13}"
+            f"{'target/s':>9} {'achieved/s':>10} {'sent':>9} {'reported':>9} {'loss':>8} "
+            f"{'agent CPU%':>10} {'drops':>8} {'workload CPU%':>13} | "
+            f"{'raw tshark CPU%':>15} {'drops':>8} {'workload CPU%':>13} {'agent/raw':>9}"
         )
+        lossless: list[int] = []
+        raw_lossless: list[int] = []
         for rate in (int(x) for x in args.rates.split(",")):
             res = run_rate(node, client, server, rate, args.seconds, work, args.agent_args.split())
-            print(
+            line = (
                 f"{rate:>9} {res['achieved_rps']:>10.0f} {res['sent']:>9.0f} {res['reported']:>9.0f} "
-                f"{res['loss']:>8.3%} {res['agent_cpu_pct']:>10.1f} {res['capture_dropped']:>13.0f}",
-                flush=True,
+                f"{res['loss']:>8.3%} {res['agent_cpu_pct']:>10.1f} {res['capture_dropped']:>8.0f} "
+                f"{res['workload_cpu_pct']:>13.1f} |"
             )
+            if res["loss"] < 0.001:
+                lossless.append(rate)
+            if args.reference:
+                ref = run_reference(node, client, server, rate, args.seconds, work)
+                line += (
+                    f" {ref['raw_cpu_pct']:>15.1f} {ref['capture_dropped']:>8.0f} "
+                    f"{ref['workload_cpu_pct']:>13.1f} "
+                    f"{res['agent_cpu_pct'] / ref['raw_cpu_pct']:>8.2f}x"
+                )
+                if ref["capture_dropped"] == 0:
+                    raw_lossless.append(rate)
+            print(line, flush=True)
+        print(
+            f"highest rate with < 0.1% lost for {args.seconds} s: agent "
+            f"{max(lossless, default=0)}/s"
+            + (
+                f"; raw tshark without drops {max(raw_lossless, default=0)}/s"
+                if args.reference
+                else ""
+            )
+        )
 
 
 if __name__ == "__main__":

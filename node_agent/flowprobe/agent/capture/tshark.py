@@ -425,13 +425,7 @@ class LiveCapture:
         """(received, dropped) from dumpcap's closing report, once it has exited."""
         if self.dumpcap.poll() is None:
             return None
-        received = dropped = 0
-        found = False
-        for m in _DROPS.finditer(self._dumpcap_err.join()):
-            received += int(m.group(1))
-            dropped += int(m.group(2))
-            found = True
-        return (received, dropped) if found else None
+        return dumpcap_counts(self._dumpcap_err.join())
 
     def dumpcap_error(self) -> str | None:
         if self.dumpcap.poll() not in (None, 0):
@@ -464,6 +458,14 @@ def interrupt(proc: subprocess.Popen[bytes]) -> None:
 
 
 _DROPS = re.compile(r"received/dropped on interface '[^']*': (\d+)/(\d+)")
+
+
+def dumpcap_counts(stderr: str) -> tuple[int, int] | None:
+    """(received, dropped) summed over the interfaces of dumpcap's closing report."""
+    counts = [(int(m.group(1)), int(m.group(2))) for m in _DROPS.finditer(stderr)]
+    if not counts:
+        return None
+    return sum(r for r, _ in counts), sum(d for _, d in counts)
 
 
 def explain_dumpcap_error(stderr: str) -> str:
