@@ -94,3 +94,18 @@ def test_compressed_file_falls_back_to_one_tshark(mix: Path, tmp_path: Path) -> 
     records, error, sharded = _records(gz, 2)
     assert not sharded and error is None
     assert len(records) == 1000
+
+
+def test_only_live_tshark_flushes_every_row(mix: Path) -> None:
+    # A flush per row costs tshark 30-70% more CPU; only a live capture needs
+    # its rows at once (docs/capture.md).
+    tools = Tools.find()
+    options = Pipeline(AgentConfig(), Sinks()).tshark_options
+    rows = read_sharded(tools, str(mix), options, 2)
+    assert isinstance(rows, ShardedRows)
+    try:
+        assert all("-l" not in r.args for r in rows.rows)
+    finally:
+        rows.stop()
+    assert "-l" not in options.tshark_args(tools, str(mix))
+    assert "-l" in options.tshark_args(tools, "-", live=True)

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -89,14 +90,59 @@ def children_cpu_s() -> float:
 
 
 def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of ``pids`` and of the children they have waited for: a
+    replaced tshark's CPU stays counted in the agent that reaped it."""
     total = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            # utime, stime, cutime, cstime
+            total += sum(int(f) for f in fields[11:15])
         except (OSError, IndexError, ValueError):
             pass
     return total / TICKS
+
+
+class CpuByProcess:
+    """CPU seconds of a process tree by command name (python, tshark, dumpcap),
+    sampled every 0.5 s so that processes that come and go (a replaced
+    tshark) count too; up to 0.5 s of an exited process's CPU is missed."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.first: dict[int, int] = {}
+        self.last: dict[int, tuple[str, int]] = {}
+        self._stop = threading.Event()
+        self._sample(first=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self, first: bool = False) -> None:
+        for pid in tree_pids(self.root):
+            try:
+                head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+                fields = tail.split()
+                ticks = int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                continue
+            if first:
+                self.first[pid] = ticks
+            self.last[pid] = (head.split("(", 1)[1], ticks)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        """Seconds of CPU per command name since the start."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        out: dict[str, float] = {}
+        for pid, (comm, ticks) in self.last.items():
+            name = "python" if comm.startswith("python") else comm
+            out[name] = out.get(name, 0.0) + (ticks - self.first.get(pid, 0)) / TICKS
+        return out
 
 
 def rss_mb(pids: list[int]) -> float:
@@ -186,11 +232,13 @@ def run_rate(
     agent = spawn_agent(node, stats_file, agent_args)
     pids = tree_pids(agent.pid)
     cpu0, t0 = cpu_seconds(pids), time.monotonic()
+    by_process = CpuByProcess(agent.pid)
     nginx = tree_pids(server.processes[0].pid)
     nginx0, load0 = cpu_seconds(nginx), children_cpu_s()
     r = client.run(h2load(server, rate, seconds))
     cpu1, t1 = cpu_seconds(tree_pids(agent.pid)), time.monotonic()
     workload = cpu_seconds(nginx) - nginx0 + children_cpu_s() - load0
+    split = by_process.stop()
     # The agent is this process's child: its CPU (and its children's) is
     # counted here once it has been waited for.
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -211,11 +259,13 @@ def run_rate(
         "achieved_rps": sent / seconds,
         "agent_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0),
         "workload_cpu_pct": 100 * workload / (t1 - t0),
+        **{f"{name}_cpu_pct": 100 * cpu / (t1 - t0) for name, cpu in split.items()},
         # The agent's whole life (start-up, the load, and what it still had
         # to process after it: a lagging security stage drains its queue).
         "agent_cpu_total_s": cpu_total,
         "stop_s": stop_s,
         "capture_dropped": stats["capture_dropped"],
+        "tshark_rotations": stats["tshark_rotations"],
         # Passed on without WAF/DDR inspection (security stage queue full).
         "uninspected": sum(stats.get("security", {}).get(k, 0) for k in ("skipped", "dropped")),
     }
@@ -235,7 +285,7 @@ def run_reference(
         )
     assert dumpcap.stdout is not None
     tshark = node.spawn_node(
-        raw_tshark_args(tools, Pipeline(AgentConfig(), Sinks()).tshark_options, "-"),
+        raw_tshark_args(tools, Pipeline(AgentConfig(), Sinks()).tshark_options, "-", live=True),
         stdin=dumpcap.stdout,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -332,16 +382,21 @@ def main() -> None:
             return
         print(
             f"{'target/s':>9} {'achieved/s':>10} {'sent':>9} {'reported':>9} {'loss':>8} "
-            f"{'agent CPU%':>10} {'drops':>8} {'workload CPU%':>13} | "
+            f"{'agent CPU%':>10} {'py/tshark/dumpcap':>17} {'drops':>8} {'rotations':>9} "
+            f"{'workload CPU%':>13} | "
             f"{'raw tshark CPU%':>15} {'drops':>8} {'workload CPU%':>13} {'agent/raw':>9}"
         )
         lossless: list[int] = []
         raw_lossless: list[int] = []
         for rate in (int(x) for x in args.rates.split(",")):
             res = run_rate(node, client, server, rate, args.seconds, work, args.agent_args.split())
+            split = "/".join(
+                f"{res.get(f'{name}_cpu_pct', 0.0):.0f}" for name in ("python", "tshark", "dumpcap")
+            )
             line = (
                 f"{rate:>9} {res['achieved_rps']:>10.0f} {res['sent']:>9.0f} {res['reported']:>9.0f} "
-                f"{res['loss']:>8.3%} {res['agent_cpu_pct']:>10.1f} {res['capture_dropped']:>8.0f} "
+                f"{res['loss']:>8.3%} {res['agent_cpu_pct']:>10.1f} {split:>17} "
+                f"{res['capture_dropped']:>8.0f} {res['tshark_rotations']:>9.0f} "
                 f"{res['workload_cpu_pct']:>13.1f} |"
             )
             if res["loss"] < 0.001:
