@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export FLOWPROBE_CACHE ?= $(HOME)/.cache/flowprobe
 PYTEST_ARGS ?=
 
-.PHONY: help deps venv tools lint typecheck test test-fast demo bench bench-live clean
+.PHONY: help deps venv native clean-native tools lint typecheck test test-fast demo bench bench-live clean
 
 help:
 	@echo "make demo       capture real traffic between namespace 'pods' and print the summary"
@@ -22,6 +22,23 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The agent's per-packet modules compiled with mypyc (tools/build_native.py
+# says why); rebuilt whenever one of them changes. flowprobe.agent refuses
+# to import compiled modules older than their sources.
+AGENT := node_agent/flowprobe/agent
+NATIVE_SOURCES := $(AGENT)/capture/columns.py $(AGENT)/pipeline.py \
+	$(filter-out %/__init__.py,$(wildcard $(AGENT)/parse/*.py $(AGENT)/sessionize/*.py)) \
+	tools/build_native.py pyproject.toml
+$(AGENT)/.native: $(VENV)/.installed $(NATIVE_SOURCES)
+	$(PY) tools/build_native.py
+	touch $@
+
+native: $(AGENT)/.native
+
+clean-native:
+	$(PY) tools/build_native.py --clean
+	rm -f $(AGENT)/.native
+
 deps: venv
 	bash tools/install-system-deps.sh
 
@@ -36,17 +53,17 @@ typecheck: venv
 # a no-op when the cache is warm, the cold path when it is not.
 tools: backends-tools cluster-tools
 
-test: deps lint typecheck crds-check tools
+test: deps lint typecheck crds-check tools native
 	$(PY) -c "import operator, collections; operator.itemgetter"
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-test-fast: venv
+test-fast: native
 	$(PY) -m pytest -m "not capture and not netns and not cluster and not backends" $(PYTEST_ARGS)
 
-demo: deps
+demo: deps native
 	$(PY) -m flowprobe.devenv.demo
 
-bench: deps backends-tools cluster-tools
+bench: deps backends-tools cluster-tools native
 	$(PY) -m flowprobe.devenv.bench
 	$(PY) -m flowprobe.devenv.livebench
 	$(PY) -m flowprobe.devenv.secbench
@@ -55,10 +72,10 @@ bench: deps backends-tools cluster-tools
 	$(MAKE) bench-operator
 	$(MAKE) bench-enrich
 
-bench-live: deps
+bench-live: deps native
 	$(PY) -m flowprobe.devenv.livebench
 
-clean:
+clean: clean-native
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
 
 -include tools/mk/*.mk

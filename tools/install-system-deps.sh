@@ -19,6 +19,7 @@ declare -A NEED=(
   [nginx]=nginx-light
   [h2load]=nghttp2-client
   [tcpdump]=tcpdump
+  [gcc]=gcc
 )
 missing=()
 for bin in "${!NEED[@]}"; do

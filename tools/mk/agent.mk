@@ -8,7 +8,7 @@ BENCH_ENRICH_ARGS ?=
 
 .PHONY: bench-enrich
 
-bench-enrich: deps
+bench-enrich: deps native
 	$(PY) -m flowprobe.devenv.enrichbench $(BENCH_ENRICH_ARGS)
 
 # make demo-cluster   kubectl apply of a ProbePolicy -> spans in Jaeger: local control plane,

@@ -1,0 +1,107 @@
+"""Compile the agent's per-packet modules with mypyc, in place.
+
+The agent's Python handles every packet tshark prints; compiled with mypyc
+(the compiler mypy ships, driven by the type annotations mypy --strict
+already checks) the sessionizer and parsers run ~1.7x faster
+(docs/performance.md). The compiled modules sit next to their sources as
+``*.cpython-*.so`` (git ignores them), with the shared runtime
+``flowprobe/agent/_native__mypyc*.so``; CPython prefers them to the ``.py``
+files. ``flowprobe/agent/_native.json`` records the hash of each compiled
+source, and ``flowprobe.agent`` refuses to import when a source has changed
+since (``make native`` rebuilds); ``--clean`` removes them all and the agent
+runs as plain Python.
+
+Run from anywhere: ``python tools/build_native.py [--clean]``. Needs a C
+compiler and the Python headers; the build directory is
+``$FLOWPROBE_CACHE/native-build`` (default ~/.cache/flowprobe).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+AGENT_ROOT = ROOT / "node_agent"
+
+# What runs per packet or per exchange: the parsers, the sessionizer and what
+# they call. Modules that start processes or threads stay interpreted.
+MODULES = [
+    "flowprobe/agent/capture/columns.py",
+    "flowprobe/agent/pipeline.py",
+    *sorted(
+        str(p.relative_to(AGENT_ROOT))
+        for d in ("parse", "sessionize")
+        for p in (AGENT_ROOT / "flowprobe" / "agent" / d).glob("*.py")
+        if p.name != "__init__.py"
+    ),
+]
+GROUP = "flowprobe.agent._native"
+# Each compiled source's hash, checked when flowprobe.agent is imported.
+MANIFEST = AGENT_ROOT / "flowprobe" / "agent" / "_native.json"
+
+
+def compiled(root: Path = AGENT_ROOT) -> list[Path]:
+    return sorted((root / "flowprobe" / "agent").rglob("*.cpython-*.so"))
+
+
+def clean() -> None:
+    MANIFEST.unlink(missing_ok=True)
+    for so in compiled():
+        so.unlink()
+
+
+def build() -> None:
+    from mypyc.build import mypycify
+    from setuptools import setup  # type: ignore[import-untyped]
+
+    cache = Path(os.environ.get("FLOWPROBE_CACHE", Path.home() / ".cache" / "flowprobe"))
+    build_dir = cache / "native-build"
+    os.chdir(AGENT_ROOT)
+    clean()
+    extensions = mypycify(
+        ["--config-file", str(ROOT / "pyproject.toml"), *MODULES],
+        opt_level="3",
+        group_name=GROUP,
+        target_dir=str(build_dir / "c"),
+    )
+    setup(
+        name="flowprobe-native",
+        ext_modules=extensions,
+        script_args=[
+            "-q",
+            "build_ext",
+            "--inplace",
+            "--build-temp",
+            str(build_dir / "temp"),
+            "--build-lib",
+            str(build_dir / "lib"),
+        ],
+    )
+    package = MANIFEST.parent
+    sources = {
+        str((AGENT_ROOT / m).relative_to(package)): hashlib.sha256(
+            (AGENT_ROOT / m).read_bytes()
+        ).hexdigest()
+        for m in MODULES
+    }
+    MANIFEST.write_text(json.dumps({"sources": sources}, indent=1) + "\n")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clean", action="store_true", help="remove the compiled modules")
+    args = ap.parse_args()
+    if args.clean:
+        clean()
+        return
+    build()
+    print(f"compiled {len(compiled())} modules into {AGENT_ROOT}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
