@@ -132,3 +132,28 @@ def test_slow_backend_fills_the_span_queue_not_the_capture() -> None:
     assert c.spans_dropped["queue_full"] + c.exchanges_dropped["queue_full"] > 0
     assert c.spans_exported > 0
     accounted(tel, 20_000)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_metrics_of_many_edges_are_split_under_the_grpc_message_limit(protocol: str) -> None:
+    # 3,000 client -> server edges make ~6 MB of cumulative metrics: more
+    # than the 4 MiB a gRPC server (the collector's OTLP receiver too)
+    # accepts in one message.
+    rx = FakeGrpcReceiver() if protocol == "grpc" else FakeHttpReceiver()
+    try:
+        config = ExportConfig(otlp=OtlpConfig(endpoint=rx.endpoint, protocol=protocol))
+        spans, metrics = otlp.exporters(config, {})
+        tel = Telemetry(config, Stats(), spans, metrics, wall_clock_release=False).start()
+        for i in range(3_000):
+            tel.submit(
+                exchange(
+                    client=(f"10.1.{i // 250}.{i % 250}", 40000),
+                    server=(f"10.2.{i // 250}.{i % 250}", 8080),
+                    start_us=1_700_000_000_000_000 + i * 1000,
+                )
+            )
+        tel.close()
+        assert not tel.counters.export_failures
+        assert len(rx.received.metrics) > 1
+    finally:
+        rx.stop()
