@@ -2,14 +2,16 @@
 
 The agent's Python handles every packet tshark prints; compiled with mypyc
 (the compiler mypy ships, driven by the type annotations mypy --strict
-already checks) the sessionizer and parsers run ~1.7x faster
-(docs/performance.md). The compiled modules sit next to their sources as
+already checks) the sessionizer took 12.8 instead of 16.7 µs per exchange
+(docs/performance.md, 2026-11-29). The compiled modules sit next to their sources as
 ``*.cpython-*.so`` (git ignores them), with the shared runtime
 ``flowprobe/agent/_native__mypyc*.so``; CPython prefers them to the ``.py``
 files. ``flowprobe/agent/_native.json`` records the hash of each compiled
 source, and ``flowprobe.agent`` refuses to import when a source has changed
-since (``make native`` rebuilds); ``--clean`` removes them all and the agent
-runs as plain Python.
+since. The same record tells this script whether anything needs building:
+``make native`` runs it every time and it only compiles when a source (or
+this script) changed. ``--clean`` removes everything and the agent runs as
+plain Python.
 
 Run from anywhere: ``python tools/build_native.py [--clean]``. Needs a C
 compiler and the Python headers; the build directory is
@@ -45,8 +47,31 @@ GROUP = "flowprobe.agent._native"
 MANIFEST = AGENT_ROOT / "flowprobe" / "agent" / "_native.json"
 
 
-def compiled(root: Path = AGENT_ROOT) -> list[Path]:
-    return sorted((root / "flowprobe" / "agent").rglob("*.cpython-*.so"))
+def compiled() -> list[Path]:
+    return sorted(MANIFEST.parent.rglob("*.cpython-*.so"))
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def record() -> dict[str, object]:
+    """What _native.json holds for the current sources: their hashes (the
+    import check reads them) and this script's (a change here rebuilds)."""
+    package = MANIFEST.parent
+    return {
+        "sources": {
+            str((AGENT_ROOT / m).relative_to(package)): _sha256(AGENT_ROOT / m) for m in MODULES
+        },
+        "builder": _sha256(Path(__file__).resolve()),
+    }
+
+
+def up_to_date() -> bool:
+    try:
+        return bool(compiled()) and json.loads(MANIFEST.read_text()) == record()
+    except (OSError, ValueError):
+        return False
 
 
 def clean() -> None:
@@ -82,14 +107,7 @@ def build() -> None:
             str(build_dir / "lib"),
         ],
     )
-    package = MANIFEST.parent
-    sources = {
-        str((AGENT_ROOT / m).relative_to(package)): hashlib.sha256(
-            (AGENT_ROOT / m).read_bytes()
-        ).hexdigest()
-        for m in MODULES
-    }
-    MANIFEST.write_text(json.dumps({"sources": sources}, indent=1) + "\n")
+    MANIFEST.write_text(json.dumps(record(), indent=1) + "\n")
 
 
 def main() -> None:
@@ -98,6 +116,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.clean:
         clean()
+        return
+    if up_to_date():
         return
     build()
     print(f"compiled {len(compiled())} modules into {AGENT_ROOT}", file=sys.stderr)

@@ -61,7 +61,7 @@ from flowprobe.agent.pipeline import Pipeline, Sinks
 from flowprobe.agent.sessionize.records import Exchange
 from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.devenv.backends import LocalBackends
-from flowprobe.devenv.livebench import cpu_seconds, tree_pids
+from flowprobe.devenv.livebench import children_cpu_s, cpu_seconds, tree_pids
 from flowprobe.devenv.pcapgen import write_pcap
 from flowprobe.devenv.rawtshark import raw_tshark_args
 
@@ -118,12 +118,6 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _children_cpu_s() -> float:
-    """CPU seconds of the children that exited and were waited for: the tshark runs."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
 @dataclass
 class ExportRun:
     seconds: float
@@ -161,7 +155,7 @@ def run_agent_export(tools: Tools, path: Path, endpoint: str, compression: str) 
     )
     # Before tshark starts, every descendant is a backend (or the counting proxy).
     backends = [pid for pid in tree_pids(os.getpid()) if pid != os.getpid()]
-    backends0, children0 = cpu_seconds(backends), _children_cpu_s()
+    backends0, children0 = cpu_seconds(backends), children_cpu_s()
     cpu0, t0 = _cpu_s(), time.perf_counter()
     telemetry.start()
     rows = read_file(tools, str(path), pipeline.tshark_options)
@@ -177,7 +171,7 @@ def run_agent_export(tools: Tools, path: Path, endpoint: str, compression: str) 
         sum(c.spans_dropped.values()),
         sum(c.exchanges_dropped.values()),
         dict(c.export_failures),
-        _children_cpu_s() - children0,
+        children_cpu_s() - children0,
         cpu_seconds(backends) - backends0,
     )
 
@@ -347,9 +341,9 @@ def main() -> None:
             agent_cpu.append(_cpu_s() - cpu0)
             agent_t.append(t)
             if args.shards > 1:
-                cpu0, children0 = _cpu_s(), _children_cpu_s()
+                cpu0, children0 = _cpu_s(), children_cpu_s()
                 single_t.append(run_agent(tools, path, 1)[0])
-                single_cpu.append((_cpu_s() - cpu0, _children_cpu_s() - children0))
+                single_cpu.append((_cpu_s() - cpu0, children_cpu_s() - children0))
             if backends is not None:
                 exports.append(
                     run_agent_export(tools, path, backends.otlp_grpc, args.otlp_compression)

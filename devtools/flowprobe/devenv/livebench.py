@@ -85,22 +85,27 @@ def tree_pids(root: int) -> list[int]:
 
 
 def children_cpu_s() -> float:
+    """CPU seconds of this process's children that exited and were waited for."""
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
+
+
+def proc_ticks(pid: int) -> tuple[str, int, int] | None:
+    """(command name, own CPU ticks, CPU ticks of the children it waited for);
+    None once the process is gone."""
+    try:
+        head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
+        f = tail.split()
+        # utime, stime; cutime, cstime
+        return head.split("(", 1)[1], int(f[11]) + int(f[12]), int(f[13]) + int(f[14])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def cpu_seconds(pids: list[int]) -> float:
     """CPU seconds of ``pids`` and of the children they have waited for: a
     replaced tshark's CPU stays counted in the agent that reaped it."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            # utime, stime, cutime, cstime
-            total += sum(int(f) for f in fields[11:15])
-        except (OSError, IndexError, ValueError):
-            pass
-    return total / TICKS
+    return sum(sum(t[1:]) for pid in pids if (t := proc_ticks(pid))) / TICKS
 
 
 class CpuByProcess:
@@ -119,15 +124,12 @@ class CpuByProcess:
 
     def _sample(self, first: bool = False) -> None:
         for pid in tree_pids(self.root):
-            try:
-                head, tail = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)
-                fields = tail.split()
-                ticks = int(fields[11]) + int(fields[12])
-            except (OSError, IndexError, ValueError):
+            if (t := proc_ticks(pid)) is None:
                 continue
+            comm, ticks, _ = t
             if first:
                 self.first[pid] = ticks
-            self.last[pid] = (head.split("(", 1)[1], ticks)
+            self.last[pid] = (comm, ticks)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
