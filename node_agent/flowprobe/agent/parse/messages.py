@@ -51,3 +51,24 @@ class L7Message:
     # a command the server never answers): it only marks that its side has
     # finished sending, so the next message's start is taken after it.
     control: bool = False
+
+    # Written out, not generated (see the note in sessionize/records.py): one per message.
+    def __init__(
+        self,
+        protocol: str,
+        is_request: bool,
+        attrs: dict[str, AttrValue] | None = None,
+        key: Any = None,
+        final: bool = True,
+        error_type: str | None = None,
+        upgrade: bool = False,
+        control: bool = False,
+    ) -> None:
+        self.protocol = protocol
+        self.is_request = is_request
+        self.attrs = {} if attrs is None else attrs
+        self.key = key
+        self.final = final
+        self.error_type = error_type
+        self.upgrade = upgrade
+        self.control = control

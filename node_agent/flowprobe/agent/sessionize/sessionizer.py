@@ -63,6 +63,35 @@ class Pending:
     response_start_us: int | None = None
     response_attrs: dict[str, AttrValue] | None = None
 
+    # Written out, not generated (see the note in records.py): one per exchange.
+    def __init__(
+        self,
+        msg: L7Message,
+        client_side: int,
+        start_us: int,
+        request_end_us: int,
+        snapshot: list[int],
+        event_mark: int,
+        request_bytes: int = 0,
+        request_packets: int = 0,
+        response_bytes: int = 0,
+        response_packets: int = 0,
+        response_start_us: int | None = None,
+        response_attrs: dict[str, AttrValue] | None = None,
+    ) -> None:
+        self.msg = msg
+        self.client_side = client_side
+        self.start_us = start_us
+        self.request_end_us = request_end_us
+        self.snapshot = snapshot
+        self.event_mark = event_mark
+        self.request_bytes = request_bytes
+        self.request_packets = request_packets
+        self.response_bytes = response_bytes
+        self.response_packets = response_packets
+        self.response_start_us = response_start_us
+        self.response_attrs = response_attrs
+
 
 class Flow:
     __slots__ = (
