@@ -30,11 +30,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 AGENT_ROOT = ROOT / "node_agent"
 
-# What runs per packet or per exchange: the parsers, the sessionizer and what
-# they call. Modules that start processes or threads stay interpreted.
+# What runs per packet or per exchange: the parsers, the sessionizer, the
+# span and metric encoders and what they call. Modules that start processes
+# or threads stay interpreted.
 MODULES = [
     "flowprobe/agent/capture/columns.py",
     "flowprobe/agent/pipeline.py",
+    *(
+        f"flowprobe/agent/export/{m}.py"
+        for m in ("metrics", "naming", "protobuf", "spans", "workloads")
+    ),
     *sorted(
         str(p.relative_to(AGENT_ROOT))
         for d in ("parse", "sessionize")

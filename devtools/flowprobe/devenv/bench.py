@@ -54,6 +54,7 @@ from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metr
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricExportResult, MetricsData
 
 from flowprobe.agent.capture.tshark import Tools, read_file, read_sharded
+from flowprobe.agent.cli import tune_gc
 from flowprobe.agent.config import AgentConfig, ExportConfig, OtlpConfig
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
@@ -304,6 +305,8 @@ def main() -> None:
         help="compression of the export runs (the agent's default is none)",
     )
     args = ap.parse_args()
+    # The agent is measured in this process: with the agent's settings.
+    tune_gc()
     tools = Tools.find()
     path, packets = bench_pcap(args.http, args.redis, args.pg)
     total = args.http + args.redis + args.pg
@@ -376,6 +379,11 @@ def main() -> None:
     print(
         f"ratio agent / raw tshark:          {raw / best:7.1%}   (best setting, --shards {best_shards}; exchanges reported: {seen} of {total})"
     )
+    if args.runs > 1:
+        # Each run's agent against the raw tshark timed just before it: the
+        # spread says whether the median is a fluke.
+        each = " / ".join(f"{r / a:.1%}" for r, a in zip(raw_t, agent_t, strict=True))
+        print(f"  --shards {args.shards} per run:             {each}")
     # Children are tshark and tcpdump, and with export also the backends
     # (Jaeger keeps every span in memory), so the label says which applies.
     largest = "largest child (tshark, or a backend)" if exports else "largest tshark"

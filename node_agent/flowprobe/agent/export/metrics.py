@@ -55,7 +55,7 @@ from flowprobe.agent.export.spans import (
     SpanRecord,
     resource_attributes,
 )
-from flowprobe.agent.export.workloads import Workload
+from flowprobe.agent.export.workloads import Workload, WorkloadKey
 
 EXTERNAL = "external"
 SCOPE = InstrumentationScope(SCOPE_NAME, SCOPE_VERSION)
@@ -233,7 +233,7 @@ class _SpanSlot:
 
     hist: _Hist
     bounds: tuple[float, ...]
-    state_key: object
+    state_key: WorkloadKey
 
 
 @dataclass
@@ -271,7 +271,7 @@ class Metrics:
         self.evictions = 0
         self.overflows = 0
         self._lock = threading.Lock()
-        self._states: OrderedDict[object, _State] = OrderedDict()
+        self._states: OrderedDict[WorkloadKey, _State] = OrderedDict()
         self._agent = _State(agent_resource, time.time_ns())
         self._retired: list[_State] = []
         self._edge_slots: dict[Key, _EdgeSlots] = {}

@@ -20,7 +20,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from flowprobe.agent.export import protobuf as pb
 from flowprobe.agent.export import semconv as sc
@@ -480,7 +480,7 @@ class Linker:
     not enough to prove the parent unique the call is left unlinked.
     """
 
-    SCAN_LIMIT = 256
+    SCAN_LIMIT: ClassVar[int] = 256
 
     def __init__(
         self,

@@ -17,6 +17,9 @@ from typing import Protocol
 
 from flowprobe.agent.parse.messages import AttrValue
 
+# What tells workloads apart: their name and resource attributes.
+WorkloadKey = tuple[str, tuple[tuple[str, AttrValue], ...]]
+
 
 @dataclass(frozen=True, slots=True)
 class Workload:
@@ -31,7 +34,7 @@ class Workload:
     attributes: tuple[tuple[str, AttrValue], ...] = field(default=())
 
     @property
-    def key(self) -> tuple[str, tuple[tuple[str, AttrValue], ...]]:
+    def key(self) -> WorkloadKey:
         return (self.name, self.attributes)
 
 
