@@ -1,9 +1,10 @@
-"""Compile the agent's per-packet modules with mypyc, in place.
+"""Compile the agent's per-packet and per-exchange modules with mypyc, in place.
 
-The agent's Python handles every packet tshark prints; compiled with mypyc
-(the compiler mypy ships, driven by the type annotations mypy --strict
-already checks) the sessionizer took 12.8 instead of 16.7 µs per exchange
-(docs/performance.md, 2026-11-29). The compiled modules sit next to their sources as
+The agent's Python handles every packet tshark prints and turns every
+exchange into spans and metrics; compiled with mypyc (the compiler mypy
+ships, driven by the type annotations mypy --strict already checks) the
+sessionizer took 12.8 instead of 16.7 µs per exchange (docs/performance.md,
+2026-11-29). The compiled modules sit next to their sources as
 ``*.cpython-*.so`` (git ignores them), with the shared runtime
 ``flowprobe/agent/_native__mypyc*.so``; CPython prefers them to the ``.py``
 files. ``flowprobe/agent/_native.json`` records the hash of each compiled
