@@ -47,10 +47,15 @@ RETRANS, OUT_OF_ORDER, ZERO_WINDOW, ACK_RTT = range(7, 11)
 
 
 def parse_ts_us(s: str) -> int:
+    """tshark's epoch time column (``-t e``) in µs, cut (not rounded) to the µs."""
+    # Nine decimals for nanosecond captures, six for microsecond ones: their
+    # digits joined make one int(), ~100 ns a row cheaper than two.
+    n = len(s)
+    if n > 10 and s[n - 10] == ".":
+        return int(s[: n - 10] + s[n - 9 : n - 3])
+    if n > 7 and s[n - 7] == ".":
+        return int(s[: n - 7] + s[n - 6 :])
     sec, _, frac = s.partition(".")
-    if len(frac) >= 6:
-        # tshark's epoch time column: six or nine decimals.
-        return int(sec) * 1_000_000 + int(frac[:6])
     return int(sec) * 1_000_000 + int((frac + "000000")[:6])
 
 
