@@ -1,4 +1,5 @@
-"""A span and a counter sent over OTLP gRPC come out of Jaeger and Prometheus."""
+"""A span and a counter sent over OTLP gRPC come out of Jaeger and Prometheus, and
+the agent's metrics of many edges get through the collector."""
 
 from __future__ import annotations
 
@@ -16,8 +17,13 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import SpanKind
+from tests.agent.export.fakes import edge_exchanges
 from tests.backends.conftest import poll
 
+from flowprobe.agent.config import ExportConfig, OtlpConfig
+from flowprobe.agent.export import otlp
+from flowprobe.agent.export.telemetry import Telemetry
+from flowprobe.agent.sessionize.stats import Stats
 from flowprobe.devenv.backends import LocalBackends, attributes_of, spans_of
 
 pytestmark = pytest.mark.backends
@@ -111,3 +117,35 @@ def test_counter_reaches_prometheus(
     assert by_method == {"GET": 3.0, "POST": 1.0}, result
     # resource_constant_labels in otel/collector.yaml copies k8s.* onto series.
     assert {r["metric"].get("k8s_pod_name") for r in result} == {"cart-7d9f-abcde"}
+
+
+def test_the_collector_takes_the_metrics_of_many_edges(local_backends: LocalBackends) -> None:
+    """3,000 client -> server edges make ~6 MB of cumulative metrics, more than
+    the 4 MiB the collector's OTLP/gRPC receiver takes in one message: the
+    agent's exporter splits them (otlp.METRIC_POINTS_PER_REQUEST), and every
+    exchange is counted in Prometheus."""
+    agent = f"flowprobe-agent-{uuid.uuid4().hex[:8]}"
+    config = ExportConfig(
+        otlp=OtlpConfig(endpoint=local_backends.otlp_grpc, insecure=True),
+        agent_service_name=agent,
+    )
+    spans, metrics = otlp.exporters(config, {})
+    tel = Telemetry(config, Stats(), spans, metrics, wall_clock_release=False).start()
+    edges = 3_000
+    for ex in edge_exchanges(edges):
+        tel.submit(ex)
+    tel.close()
+    assert not tel.counters.export_failures
+    # Every exchange is counted: on its edge's series, or beyond max_series
+    # (2,000) on the overflow series.
+    query = f'sum(flowprobe_edge_exchanges_total{{job="{agent}"}})'
+
+    def counted() -> float:
+        result = local_backends.prom_query(query)
+        return float(result[0]["value"][1]) if result else 0.0
+
+    assert poll(counted, lambda n: n >= edges, timeout=60.0) == edges
+    overflow = local_backends.prom_query(
+        f'flowprobe_edge_exchanges_total{{job="{agent}", otel_metric_overflow="true"}}'
+    )
+    assert [float(r["value"][1]) for r in overflow] == [edges - 2_000]

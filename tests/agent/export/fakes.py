@@ -467,3 +467,17 @@ def _san(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
+
+
+def edge_exchanges(edges: int) -> list[Exchange]:
+    """One exchange per client -> server edge, each between its own pair of
+    addresses: ``edges`` workload pairs for the metrics (3,000 come to ~6 MB of
+    cumulative metrics, more than one gRPC message may carry)."""
+    return [
+        exchange(
+            client=(f"10.1.{i // 250}.{i % 250}", 40000),
+            server=(f"10.2.{i // 250}.{i % 250}", 8080),
+            start_us=1_700_000_000_000_000 + i * 1000,
+        )
+        for i in range(edges)
+    ]

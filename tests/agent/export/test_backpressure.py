@@ -14,7 +14,13 @@ from flowprobe.agent.config import ExportConfig, OtlpConfig
 from flowprobe.agent.export import otlp
 from flowprobe.agent.export.telemetry import Telemetry
 from flowprobe.agent.sessionize.stats import Stats
-from tests.agent.export.fakes import FakeGrpcReceiver, FakeHttpReceiver, closed_port, exchange
+from tests.agent.export.fakes import (
+    FakeGrpcReceiver,
+    FakeHttpReceiver,
+    closed_port,
+    edge_exchanges,
+    exchange,
+)
 from tests.operator.clusterkit import wait_until
 
 PROTOCOLS = ["grpc", "http/protobuf"]
@@ -144,14 +150,8 @@ def test_metrics_of_many_edges_are_split_under_the_grpc_message_limit(protocol: 
         config = ExportConfig(otlp=OtlpConfig(endpoint=rx.endpoint, protocol=protocol))
         spans, metrics = otlp.exporters(config, {})
         tel = Telemetry(config, Stats(), spans, metrics, wall_clock_release=False).start()
-        for i in range(3_000):
-            tel.submit(
-                exchange(
-                    client=(f"10.1.{i // 250}.{i % 250}", 40000),
-                    server=(f"10.2.{i // 250}.{i % 250}", 8080),
-                    start_us=1_700_000_000_000_000 + i * 1000,
-                )
-            )
+        for ex in edge_exchanges(3_000):
+            tel.submit(ex)
         tel.close()
         assert not tel.counters.export_failures
         assert len(rx.received.metrics) > 1
