@@ -10,9 +10,9 @@ sessionizer took 12.8 instead of 16.7 µs per exchange (docs/performance.md,
 files. ``flowprobe/agent/_native.json`` records the hash of each compiled
 source, and ``flowprobe.agent`` refuses to import when a source has changed
 since. The same record tells this script whether anything needs building:
-``make native`` runs it every time and it only compiles when a source (or
-this script) changed. ``--clean`` removes everything and the agent runs as
-plain Python.
+``make native`` runs it every time and it only compiles when a source, this
+script, mypy or the Python changed. ``--clean`` removes everything and the
+agent runs as plain Python.
 
 Run from anywhere: ``python tools/build_native.py [--clean]``. Needs a C
 compiler and the Python headers; the build directory is
@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 import sys
+import sysconfig
+from importlib.metadata import version
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,13 +65,17 @@ def _sha256(path: Path) -> str:
 
 def record() -> dict[str, object]:
     """What _native.json holds for the current sources: their hashes (the
-    import check reads them) and this script's (a change here rebuilds)."""
+    import check reads them), this script's, and the compiler and Python the
+    extensions were built with (a change in any of them rebuilds; a new
+    Python would otherwise skip the old extensions and run plain code)."""
     package = MANIFEST.parent
     return {
         "sources": {
             str((AGENT_ROOT / m).relative_to(package)): _sha256(AGENT_ROOT / m) for m in MODULES
         },
         "builder": _sha256(Path(__file__).resolve()),
+        "compiler": f"mypy {version('mypy')}",
+        "extension": sysconfig.get_config_var("EXT_SUFFIX"),
     }
 
 
